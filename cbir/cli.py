@@ -1,0 +1,125 @@
+"""The thin ``cbir`` command: parses arguments and calls the package; holds no logic of its own."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _cmd_catalog_check(args: argparse.Namespace) -> int:
+    from cbir.catalog import check_catalog_report
+
+    return check_catalog_report(args.path, subcategory_from=args.subcategory_from, out=sys.stdout)
+
+
+def _cmd_demo_catalog(args: argparse.Namespace) -> int:
+    from cbir.datasets import make_demo_catalog
+
+    manifest = make_demo_catalog(args.dir, n=args.n, seed=args.seed)
+    print(f"wrote {manifest}")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from cbir.catalog import load_catalog
+    from cbir.extract import extract_features
+    from cbir.store import FeatureStore
+
+    catalog = load_catalog(args.catalog).usable()
+    store = FeatureStore(args.store)
+    run_id = extract_features(
+        catalog,
+        model=args.model,
+        layer=args.layer,
+        pooling=args.pooling,
+        weights=args.weights,
+        store=store,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        l2_normalize=args.l2,
+        name=args.name,
+    )
+    print(f"run {run_id}: {store.run(run_id)['n_features']} feature vectors in {args.store}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cbir.extract import export_features
+    from cbir.store import FeatureStore
+
+    store = FeatureStore(args.store)
+    run_id = args.run if args.run is not None else int(store.runs()["run_id"].max())
+    path = export_features(store, run_id, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cbir.run import run_params
+
+    overrides = {name: value for name, value in (args.param or [])}
+    ok = True
+    for params_file in args.params:
+        ok &= run_params(params_file, overrides=overrides, force=args.force, only=args.only)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbir", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    catalog = sub.add_parser("catalog", help="inspect a product catalogue")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)
+    check = catalog_sub.add_parser("check", help="validate a catalogue and print counts and problems")
+    check.add_argument("path", type=Path, help="manifest CSV, Kaggle folder (styles.csv) or folder tree")
+    check.add_argument("--subcategory-from", default="articleType", choices=["articleType", "subCategory"],
+                       help="Kaggle layout only: which column becomes the sub-category")
+    check.set_defaults(func=_cmd_catalog_check)
+
+    demo = sub.add_parser("demo-catalog", help="generate the synthetic demo catalogue")
+    demo.add_argument("dir", type=Path)
+    demo.add_argument("--n", type=int, default=360, help="number of images")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo_catalog)
+
+    extract = sub.add_parser("extract", help="extract features into a SQLite feature store")
+    extract.add_argument("--catalog", required=True, type=Path)
+    extract.add_argument("--model", required=True, help="backbone or descriptor name (see docs)")
+    extract.add_argument("--layer", default=None)
+    extract.add_argument("--pooling", default=None, choices=[None, "gap", "mac", "gem", "rmac"])
+    extract.add_argument("--weights", default="imagenet", help="imagenet | PATH to weights | none")
+    extract.add_argument("--store", required=True, type=Path)
+    extract.add_argument("--batch-size", type=int, default=32)
+    extract.add_argument("--workers", type=int, default=2)
+    extract.add_argument("--l2", action="store_true", help="L2-normalise the stored vectors")
+    extract.add_argument("--name", default=None, help="a name for the run")
+    extract.set_defaults(func=_cmd_extract)
+
+    export = sub.add_parser("export", help="export a run's features to .npz (ids, features)")
+    export.add_argument("--store", required=True, type=Path)
+    export.add_argument("--run", type=int, default=None, help="run id (default: the latest)")
+    export.add_argument("--out", required=True, type=Path)
+    export.set_defaults(func=_cmd_export)
+
+    run = sub.add_parser("run", help="run the numbered notebooks with papermill for each params file")
+    run.add_argument("params", nargs="+", type=Path)
+    run.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                     help="override one parameter (YAML value)")
+    run.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
+    run.add_argument("--only", nargs="*", default=None, help="run only these notebooks (e.g. 00 01)")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"cbir: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
