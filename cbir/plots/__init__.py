@@ -1,0 +1,1 @@
+"""Static figures (matplotlib/seaborn), one module per theme."""
