@@ -1,0 +1,257 @@
+"""Run parameters: ``params/defaults.yaml`` holds every key with its default, ``params/<run>.yaml``
+overrides some of them, ``cbir run -p NAME VALUE`` overrides again.
+
+Keys are the notebook parameter names (docs/HELPERS.md) plus ``name`` (the run name, outputs go to
+``outputs/<name>/``) and ``notebooks`` (which numbered notebooks a run executes). Unknown keys and
+values of the wrong type are errors naming the key and the file. Paths in YAML files are relative
+to the repository root, paths in overrides relative to the current directory; both come back
+absolute.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_DIR = REPO_ROOT / "params"
+DEFAULTS_FILE = PARAMS_DIR / "defaults.yaml"
+
+#: keys that may be null, with the type of their value when given
+NULLABLE = {"name": str, "out_dir": str, "store": str, "layer": str, "pooling": str, "n_queries": int}
+#: int keys that also accept a float
+FLOAT_OK = {"minkowski_p", "lbp_radius"}
+#: keys that are not notebook parameters (not injected by papermill)
+RUNNER_KEYS = ("name", "notebooks")
+POOLINGS = ("gap", "mac", "gem", "rmac")
+POSITIVE = ("batch_size", "k", "n_queries", "cv_folds", "cv_fold_size", "color_bins", "lbp_points",
+            "gallery_queries", "lbp_radius")
+NON_NEGATIVE = ("seed", "roi_margin")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NOTEBOOK_RE = re.compile(r"^\d{2}$")
+
+
+class ParamsError(ValueError):
+    """A params file or override is unusable; the message names the file (or ``-p``) and the key."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
+    return data
+
+
+def load_defaults(path: str | Path = DEFAULTS_FILE) -> dict[str, Any]:
+    """The default value of every parameter (``params/defaults.yaml``), in file order."""
+    return _read_yaml(Path(path))
+
+
+def _unknown_key_error(key: object, valid: list[str], where: str) -> ParamsError:
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; valid keys: {', '.join(valid)}"
+    return ParamsError(f"{where}: unknown parameter {key!r}{hint}")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
+    """``value`` checked against the type of ``default`` (bool, int, float, str, list of str)."""
+    bad = ParamsError(f"{where}: parameter {key!r} must be "
+                      f"{_expected(key, default)}, got {value!r} ({_type_name(value)})")
+    if value is None and key in NULLABLE:
+        return None
+    if default is None:
+        if value is None:
+            return None
+        expected = NULLABLE.get(key)
+        if expected is None:
+            return value
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad
+        if expected is str and not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        if isinstance(value, float) and key not in FLOAT_OK:
+            raise bad
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if isinstance(default, list):
+        if isinstance(value, (str, int)) and key == "notebooks":
+            value = [value]
+        if not isinstance(value, list):
+            raise bad
+        if key == "notebooks":  # YAML reads 01 as the integer 1: accept and re-pad
+            value = [f"{v:02d}" if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        if not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    return value
+
+
+def _expected(key: str, default: Any) -> str:
+    if key in NULLABLE:
+        return f"null or {_a(NULLABLE[key].__name__)}"
+    if default is None:
+        return "any value"
+    if isinstance(default, list):
+        return "a list of strings"
+    if isinstance(default, int) and not isinstance(default, bool) and key in FLOAT_OK:
+        return "a number"
+    return _a(type(default).__name__)
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_where: str) -> None:
+    """Value checks beyond the type: choices, ranges, names; ``origin`` maps a key to where it was set."""
+
+    def where(key: str) -> str:
+        return origin.get(key, default_where)
+
+    name = params.get("name")
+    if not name:
+        raise ParamsError(f"{where('name')}: parameter 'name' (the run name) is missing")
+    if not _NAME_RE.match(name):
+        raise ParamsError(f"{where('name')}: run name {name!r} must be letters, digits, '_', '-', '.' "
+                          "(it names a folder)")
+    if params.get("pooling") is not None and params["pooling"] not in POOLINGS:
+        raise ParamsError(f"{where('pooling')}: pooling {params['pooling']!r} must be one of "
+                          f"{', '.join(POOLINGS)} or null")
+    metrics = params.get("metrics", [])
+    valid_metrics = _valid_metrics()
+    unknown = [m for m in metrics if m not in valid_metrics]
+    if not metrics or unknown or len(set(metrics)) != len(metrics):
+        raise ParamsError(f"{where('metrics')}: metrics must be distinct names from {', '.join(valid_metrics)}; "
+                          f"got {metrics!r}")
+    for key in POSITIVE:
+        value = params.get(key)
+        if value is not None and value <= 0:
+            raise ParamsError(f"{where(key)}: parameter {key!r} must be > 0, got {value!r}")
+    for key in NON_NEGATIVE:
+        value = params.get(key)
+        if value is not None and value < 0:
+            raise ParamsError(f"{where(key)}: parameter {key!r} must be >= 0, got {value!r}")
+    if params.get("minkowski_p") is not None and params["minkowski_p"] < 1:
+        raise ParamsError(f"{where('minkowski_p')}: minkowski_p must be >= 1 (a metric), "
+                          f"got {params['minkowski_p']!r}")
+    bad = [n for n in params.get("notebooks", []) if not _NOTEBOOK_RE.match(n)]
+    if bad:
+        raise ParamsError(f"{where('notebooks')}: notebooks must be two-digit prefixes such as '00', "
+                          f"got {bad!r}")
+
+
+def _valid_metrics() -> tuple[str, ...]:
+    try:
+        from cbir.search import METRICS
+    except ImportError:  # search not importable: fall back to the six measures of the study
+        return ("euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine")
+    return tuple(METRICS)
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
+def parse_override(name: str, value: str) -> Any:
+    """One ``-p NAME VALUE`` pair: VALUE is a YAML literal (``5``, ``true``, ``null``, ``[a, b]``)."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"-p {name}: value {value!r} is not a YAML literal: {exc}") from exc
+
+
+def load_params(
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    defaults: str | Path = DEFAULTS_FILE,
+    root: str | Path = REPO_ROOT,
+    check_paths: bool = False,
+) -> dict[str, Any]:
+    """Defaults, then the params file, then ``overrides``, validated; returns every key.
+
+    ``overrides`` values that are strings are parsed as YAML literals (what ``cbir run -p`` passes).
+    ``out_dir`` defaults to ``<root>/outputs/<name>``, ``store`` to ``<out_dir>/features.sqlite``;
+    ``name`` defaults to the file's stem. ``catalog`` (unless ``"demo"``), ``out_dir``, ``store`` and
+    ``weights`` (unless ``"imagenet"``/``"none"``) are made absolute. ``check_paths`` makes a missing
+    catalogue or weights file an error here rather than in the notebook.
+    """
+    path = Path(path)
+    root = Path(root).resolve()
+    base = load_defaults(defaults)
+    valid = list(base)
+    from_file = _read_yaml(path)
+    params = dict(base)
+    params["name"] = path.stem
+    sources: dict[str, Path] = {}
+    origin: dict[str, str] = {}
+    for key, value in from_file.items():
+        if key not in base:
+            raise _unknown_key_error(key, valid, str(path))
+        params[key] = _check_type(key, value, base[key], str(path))
+        sources[key], origin[key] = root, str(path)
+    for key, raw in (overrides or {}).items():
+        if key not in base:
+            raise _unknown_key_error(key, valid, f"-p {key}")
+        value = parse_override(key, raw) if isinstance(raw, str) else raw
+        params[key] = _check_type(key, value, base[key], f"-p {key}")
+        sources[key], origin[key] = Path.cwd(), f"-p {key}"
+    _check_values(params, origin, str(path))
+
+    if params["out_dir"] is None:
+        params["out_dir"] = str(root / "outputs" / params["name"])
+    else:
+        params["out_dir"] = _absolute(params["out_dir"], sources.get("out_dir", root))
+    if params["store"] is None:
+        params["store"] = str(Path(params["out_dir"]) / "features.sqlite")
+    else:
+        params["store"] = _absolute(params["store"], sources.get("store", root))
+    if params["catalog"] != "demo":
+        params["catalog"] = _absolute(params["catalog"], sources.get("catalog", root))
+    if params["weights"] not in ("imagenet", "none"):
+        params["weights"] = _absolute(params["weights"], sources.get("weights", root))
+    if check_paths:
+        for problem in missing_paths(params):
+            raise FileNotFoundError(f"{path}: {problem}")
+    return params
+
+
+def missing_paths(params: Mapping[str, Any]) -> list[str]:
+    """``"<key> not found: <path>"`` for a catalogue or weights path that does not exist."""
+    return [f"{key} not found: {params[key]}" for key in ("catalog", "weights")
+            if params[key] not in ("demo", "imagenet", "none") and not Path(params[key]).exists()]
+
+
+def notebook_parameters(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters papermill injects into every notebook (all keys but ``name`` and ``notebooks``)."""
+    return {key: value for key, value in params.items() if key not in RUNNER_KEYS}

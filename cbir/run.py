@@ -1,0 +1,313 @@
+"""The papermill runner behind ``cbir run``: one params file -> the numbered notebooks, in order ->
+``outputs/<name>/`` (executed notebooks, ``tables/``, ``figures/``, ``run.json``).
+
+``run.json`` records the parameters, library versions, the git commit, and per notebook its status
+(``ok``, ``failed``, ``interrupted``, ``missing``), timings and, on failure, the failing cell. A
+rerun skips a notebook whose status is ``ok`` for the same injected parameters (those its
+``parameters`` cell declares) and the same notebook source, unless ``force`` or an earlier notebook
+of the same run had to run (later notebooks read its results). A failing notebook stops its own run (later notebooks depend on it) and
+leaves other runs, their outputs and the feature store untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from cbir.params import DEFAULTS_FILE, REPO_ROOT, load_params, missing_paths, notebook_parameters
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+KERNEL_NAME = "python3"
+RUN_JSON = "run.json"
+#: import name -> distributions that may provide it (the first installed one is reported)
+VERSION_PACKAGES: dict[str, tuple[str, ...]] = {
+    "numpy": ("numpy",),
+    "pandas": ("pandas",),
+    "keras": ("keras",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "sklearn": ("scikit-learn",),
+    "faiss": ("faiss-cpu", "faiss-gpu", "faiss"),
+    "cv2": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless"),
+    "skimage": ("scikit-image",),
+    "papermill": ("papermill",),
+    "ipykernel": ("ipykernel",),
+    "cbir": ("cbir",),
+}
+_NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def find_notebooks(notebooks_dir: str | Path = NOTEBOOKS_DIR) -> dict[str, Path]:
+    """Two-digit prefix -> notebook path for every ``NN_*.ipynb`` in ``notebooks_dir``."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb")):
+        match = _NOTEBOOK_RE.match(path.name)
+        if match is None:
+            continue
+        prefix = match.group(1)
+        if prefix in found:
+            raise ValueError(f"{notebooks_dir}: two notebooks share the number {prefix}: "
+                             f"{found[prefix].name}, {path.name}")
+        found[prefix] = path
+    return found
+
+
+def _prefix(token: str) -> str:
+    token = str(token).strip()
+    if len(token) >= 2 and token[:2].isdigit() and (len(token) == 2 or token[2] == "_"):
+        return token[:2]
+    if token.isdigit() and len(token) == 1:
+        return f"0{token}"
+    raise ValueError(f"--only: {token!r} is not a notebook number such as 00 or 03_category_evaluation")
+
+
+def select_notebooks(available: Mapping[str, Path], wanted: Iterable[str],
+                     only: Iterable[str] | None = None) -> list[tuple[str, Path | None]]:
+    """(prefix, path or None when absent) in execution order.
+
+    Without ``only``: the ``wanted`` list (the ``notebooks`` parameter). With ``only``: those
+    numbers, in numeric order, whether or not they are in ``wanted`` (so ``--only 08`` runs the
+    summary).
+    """
+    prefixes = sorted({_prefix(t) for t in only}) if only else list(wanted)
+    return [(p, available.get(p)) for p in prefixes]
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries that shape the results (None when not installed); no imports."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name, dists in VERSION_PACKAGES.items():
+        versions[name] = None
+        for dist in dists:
+            try:
+                versions[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def git_state(root: str | Path = REPO_ROOT) -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the repository at ``root``, or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def ensure_kernel(kernel_name: str = KERNEL_NAME) -> str:
+    """The resource dir of Jupyter kernel ``kernel_name``; a clear error when it is missing."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        return KernelSpecManager().get_kernel_spec(kernel_name).resource_dir
+    except NoSuchKernel as exc:
+        raise RuntimeError(
+            f"no Jupyter kernel named {kernel_name!r}: install one into this environment with "
+            f"`{sys.executable} -m ipykernel install --sys-prefix`") from exc
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def notebook_source_digest(path: Path) -> str:
+    """SHA-1 of a notebook's cell types and sources (outputs and metadata ignored)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return _digest([(cell.cell_type, cell.source) for cell in nb.cells])
+
+
+def declared_parameters(path: Path) -> set[str] | None:
+    """Names assigned in the notebook's ``parameters`` cell, or None when it has none."""
+    import papermill
+
+    try:
+        declared = papermill.inspect_notebook(str(path))
+    except Exception:  # noqa: BLE001 - an uninspectable cell: inject everything
+        return None
+    return set(declared) or None
+
+
+def read_run_json(out_dir: str | Path) -> dict[str, Any]:
+    """The run record in ``out_dir`` (empty dict when there is none or it is unreadable)."""
+    path = Path(out_dir) / RUN_JSON
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_run_json(out_dir: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write ``run.json`` atomically (temporary file + rename)."""
+    path = Path(out_dir) / RUN_JSON
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _failure(exc: BaseException, source_nb: Path) -> dict[str, Any]:
+    """Cell index (in the source notebook), execution count, first source line, ename, evalue."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if not isinstance(exc, PapermillExecutionError):
+        return {"ename": type(exc).__name__, "evalue": str(exc).strip()[:2000]}
+    import nbformat
+
+    cell = None
+    try:
+        cells = nbformat.read(source_nb, as_version=4).cells
+        cell = next((i for i, c in enumerate(cells) if c.source == exc.source), None)
+    except (OSError, ValueError):
+        pass
+    first_line = next((line for line in str(exc.source).splitlines() if line.strip()), "")
+    return {"cell": cell, "cell_executed": exc.cell_index, "execution_count": exc.exec_count,
+            "source": first_line[:200], "ename": exc.ename, "evalue": str(exc.evalue)[:2000]}
+
+
+def _describe_failure(name: str, error: Mapping[str, Any]) -> str:
+    where = []
+    if error.get("cell") is not None:
+        where.append(f"cell {error['cell']}")
+    if error.get("execution_count") is not None:
+        where.append(f"In [{error['execution_count']}]")
+    if error.get("source"):
+        where.append(f"`{error['source']}`")
+    at = f" at {', '.join(where)}" if where else ""
+    return f"{name} failed{at}: {error.get('ename')}: {error.get('evalue')}"
+
+
+def execute_notebook(source: Path, output: Path, parameters: Mapping[str, Any], *,
+                     kernel_name: str = KERNEL_NAME) -> None:
+    """Run ``source`` with papermill in its own folder, writing the executed copy to ``output``."""
+    import papermill
+
+    papermill.execute_notebook(str(source), str(output), parameters=dict(parameters),
+                               cwd=str(source.parent), kernel_name=kernel_name, progress_bar=False)
+
+
+def run_params(
+    params_file: str | Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    force: bool = False,
+    only: Iterable[str] | None = None,
+    notebooks_dir: str | Path | None = None,
+    defaults: str | Path = DEFAULTS_FILE,
+    root: str | Path = REPO_ROOT,
+    kernel_name: str = KERNEL_NAME,
+) -> bool:
+    """Execute the notebooks of one params file into ``<out_dir>``; True when all succeeded.
+
+    ``only`` picks notebook numbers (``["00", "08"]``) instead of the ``notebooks`` parameter;
+    ``notebooks_dir`` defaults to the repository's ``notebooks/`` (``NOTEBOOKS_DIR``).
+    Parameter errors raise (``ParamsError``/``FileNotFoundError``); a missing catalogue or weights file
+    is printed and returns False; a failing notebook prints which notebook and cell failed, is recorded
+    as ``failed`` in ``run.json`` and makes this return False.
+    """
+    params_file = Path(params_file)
+    params = load_params(params_file, overrides, defaults=defaults, root=root)
+    name = params["name"]
+    missing = missing_paths(params)
+    if missing:  # this run cannot start; the next params file still runs
+        _log(f"[{name}] error: {params_file}: {'; '.join(missing)}")
+        return False
+    out_dir = Path(params["out_dir"])
+    notebooks_dir = Path(notebooks_dir if notebooks_dir is not None else NOTEBOOKS_DIR)
+    plan = select_notebooks(find_notebooks(notebooks_dir), params["notebooks"], only)
+    if only and any(path is None for _, path in plan):
+        absent = [p for p, path in plan if path is None]
+        _log(f"[{name}] error: no notebook {', '.join(f'{p}_*.ipynb' for p in absent)} in {notebooks_dir}")
+        return False
+    ensure_kernel(kernel_name)
+    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    Path(params["store"]).parent.mkdir(parents=True, exist_ok=True)
+
+    record = read_run_json(out_dir)
+    notebook_records: dict[str, Any] = dict(record.get("notebooks", {}))
+    record.update({
+        "name": name,
+        "params_file": str(params_file.resolve()),
+        "overrides": {k: str(v) for k, v in (overrides or {}).items()},
+        "parameters": params,
+        "versions": library_versions(),
+        "git": git_state(root),
+        "host": platform.node(),
+        "started": _now(),
+        "finished": None,
+        "status": "running",
+        "notebooks": notebook_records,
+    })
+    write_run_json(out_dir, record)
+    all_params = notebook_parameters(params)
+    _log(f"[{name}] {len(plan)} notebook(s) -> {out_dir}")
+    t_run = time.perf_counter()
+    ok = True
+    upstream_ran = False  # once a notebook runs, the later ones (which read its results) run too
+    for prefix, source in plan:
+        if source is None:
+            _log(f"[{name}] {prefix}: no notebook {prefix}_*.ipynb in {notebooks_dir}; skipped")
+            notebook_records[prefix] = {"status": "missing"}
+            continue
+        declared = declared_parameters(source)
+        injected = {k: v for k, v in all_params.items() if declared is None or k in declared}
+        key = {"params_sha1": _digest(injected), "source_sha1": notebook_source_digest(source)}
+        output = out_dir / source.name
+        previous = notebook_records.get(source.stem, {})
+        if (not force and not upstream_ran and previous.get("status") == "ok" and output.is_file()
+                and all(previous.get(k) == v for k, v in key.items())):
+            _log(f"[{name}] {source.stem}: done before with the same parameters; skipped (--force reruns)")
+            continue
+        entry: dict[str, Any] = {"status": "running", "notebook": source.name, "output": str(output),
+                                 "started": _now(), **key, "parameters": sorted(injected)}
+        notebook_records[source.stem] = entry
+        write_run_json(out_dir, record)
+        _log(f"[{name}] {source.stem} ...")
+        upstream_ran = True
+        t0 = time.perf_counter()
+        try:
+            execute_notebook(source, output, injected, kernel_name=kernel_name)
+        except KeyboardInterrupt:
+            entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2), finished=_now())
+            record.update(status="interrupted", finished=_now())
+            write_run_json(out_dir, record)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure stops this run only
+            error = _failure(exc, source)
+            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2), finished=_now(),
+                         error=error)
+            _log(f"[{name}] {_describe_failure(source.name, error)}")
+            _log(f"[{name}] the executed notebook with the error is {output}; later notebooks not run")
+            ok = False
+            break
+        entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2), finished=_now())
+        write_run_json(out_dir, record)
+        _log(f"[{name}] {source.stem} ok ({entry['seconds']:.1f} s)")
+    record.update(status="ok" if ok else "failed", finished=_now(),
+                  seconds=round(time.perf_counter() - t_run, 2))
+    write_run_json(out_dir, record)
+    _log(f"[{name}] {'done' if ok else 'FAILED'}: {out_dir / RUN_JSON}")
+    return ok

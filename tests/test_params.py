@@ -1,0 +1,164 @@
+"""params/*.yaml and cbir.params: defaults, overrides, validation, path resolution."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cbir.params import DEFAULTS_FILE, ParamsError, load_defaults, load_params, notebook_parameters
+
+# the notebook parameters of docs/HELPERS.md with their documented defaults
+NOTEBOOK_DEFAULTS = {
+    "catalog": "demo", "model": "efficientnet_lite0", "layer": None, "pooling": "gap", "weights": "imagenet",
+    "batch_size": 32, "l2_normalize": False,
+    "metrics": ["euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine"],
+    "k": 5, "minkowski_p": 3, "same_category": False, "n_queries": 60, "seed": 0, "cv_folds": 10,
+    "cv_fold_size": 20, "color_bins": 32, "lbp_points": 24, "lbp_radius": 3, "roi_margin": 4, "gallery_queries": 6,
+}
+PATH_KEYS = {"out_dir", "store"}  # defaults null: derived from the run name
+STUDY = ("vgg16", "vgg19", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0", "color_hist", "lbp", "hog")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_defaults_hold_exactly_the_notebook_parameters_plus_name_and_notebooks():
+    defaults = load_defaults()
+    assert set(defaults) == set(NOTEBOOK_DEFAULTS) | PATH_KEYS | {"name", "notebooks"}
+    assert {k: defaults[k] for k in NOTEBOOK_DEFAULTS} == NOTEBOOK_DEFAULTS
+    assert defaults["out_dir"] is None and defaults["store"] is None and defaults["name"] is None
+    assert defaults["notebooks"] == ["00", "01", "02", "03", "04", "05", "06"]  # no 07 (app), no 08 (summary)
+
+
+def test_every_params_file_loads(repo_root):
+    files = sorted(p.stem for p in (repo_root / "params").glob("*.yaml") if p.name != "defaults.yaml")
+    assert files == sorted(STUDY + ("demo", "summary"))
+    shared_catalog = str((repo_root.parent / "shared/data/fashion-products-224/manifest.csv").resolve())
+    for stem in STUDY:
+        params = load_params(repo_root / "params" / f"{stem}.yaml")
+        assert params["name"] == stem
+        assert params["model"] == stem
+        assert params["catalog"] == shared_catalog
+        assert params["store"] == str(repo_root / "outputs" / "cbir.sqlite")  # one store for the comparison
+        assert params["out_dir"] == str(repo_root / "outputs" / stem)
+        assert params["metrics"] == NOTEBOOK_DEFAULTS["metrics"]
+    for stem in ("color_hist", "lbp", "hog"):
+        params = load_params(repo_root / "params" / f"{stem}.yaml")
+        assert params["pooling"] is None and params["weights"] == "none"
+    mobilenet = load_params(repo_root / "params" / "mobilenet_v2.yaml")
+    assert mobilenet["weights"] == str((repo_root.parent / "shared/models/mobilenet_v2_imagenet_notop.weights.h5")
+                                       .resolve())
+    for stem in ("vgg16", "vgg19", "resnet50", "xception", "efficientnet_lite0"):
+        assert load_params(repo_root / "params" / f"{stem}.yaml")["weights"] == "imagenet"
+    summary = load_params(repo_root / "params" / "summary.yaml")  # notebook 08 over the study's shared store
+    assert summary["notebooks"] == ["08"] and summary["store"] == str(repo_root / "outputs" / "cbir.sqlite")
+    assert summary["catalog"] == shared_catalog and summary["out_dir"] == str(repo_root / "outputs" / "summary")
+
+
+def test_demo_params(repo_root):
+    params = load_params(repo_root / "params" / "demo.yaml")
+    assert params == {
+        **NOTEBOOK_DEFAULTS, "name": "demo", "notebooks": ["00", "01", "02", "03", "04", "05", "06"],
+        "out_dir": str(repo_root / "outputs" / "demo"),
+        "store": str(repo_root / "outputs" / "demo" / "features.sqlite"),
+    }
+
+
+def test_real_params_files_point_at_existing_data(repo_root, real_catalog_dir, mobilenet_v2_notop_weights):
+    for stem in STUDY:
+        load_params(repo_root / "params" / f"{stem}.yaml", check_paths=True)
+
+
+def test_file_overrides_defaults_and_overrides_override_the_file(tmp_path):
+    params_file = _write(tmp_path / "mine.yaml", "k: 10\nmetrics: [cosine]\nlayer: block5_conv3\n")
+    params = load_params(params_file, root=tmp_path)
+    assert params["name"] == "mine"  # the file's stem when the file has no name
+    assert (params["k"], params["metrics"], params["layer"]) == (10, ["cosine"], "block5_conv3")
+    assert params["out_dir"] == str(tmp_path / "outputs" / "mine")
+    assert params["store"] == str(tmp_path / "outputs" / "mine" / "features.sqlite")
+
+    params = load_params(params_file, {"k": "3", "layer": "null", "metrics": "[euclidean, cosine]",
+                                       "same_category": "true", "minkowski_p": "1.5", "n_queries": "null",
+                                       "notebooks": "[00, 01, 08]", "name": "other"}, root=tmp_path)
+    assert params["k"] == 3 and params["layer"] is None and params["same_category"] is True
+    assert params["metrics"] == ["euclidean", "cosine"] and params["minkowski_p"] == 1.5
+    assert params["n_queries"] is None
+    assert params["notebooks"] == ["00", "01", "08"]  # YAML reads 00 and 01 as ints: re-padded
+    assert params["out_dir"] == str(tmp_path / "outputs" / "other")
+    assert notebook_parameters(params).keys() == set(NOTEBOOK_DEFAULTS) | PATH_KEYS
+
+
+def test_paths_are_relative_to_the_root_in_files_and_to_cwd_in_overrides(tmp_path, monkeypatch):
+    params_file = _write(tmp_path / "p.yaml", "catalog: data/manifest.csv\nstore: db/x.sqlite\n"
+                                              "weights: w/model.weights.h5\nout_dir: out/p\n")
+    params = load_params(params_file, root=tmp_path / "repo")
+    assert params["catalog"] == str(tmp_path / "repo" / "data" / "manifest.csv")
+    assert params["store"] == str(tmp_path / "repo" / "db" / "x.sqlite")
+    assert params["weights"] == str(tmp_path / "repo" / "w" / "model.weights.h5")
+    assert params["out_dir"] == str(tmp_path / "repo" / "out" / "p")
+
+    monkeypatch.chdir(tmp_path)
+    params = load_params(params_file, {"catalog": "elsewhere/cat.csv", "weights": "imagenet"}, root=tmp_path / "repo")
+    assert params["catalog"] == str(tmp_path / "elsewhere" / "cat.csv")
+    assert params["weights"] == "imagenet"
+    assert load_params(params_file, {"catalog": "demo"}, root=tmp_path)["catalog"] == "demo"
+
+
+def test_unknown_key_names_the_file_and_suggests_the_closest(tmp_path):
+    params_file = _write(tmp_path / "typo.yaml", "name: typo\nmetric: [cosine]\n")
+    with pytest.raises(ParamsError, match=r"typo\.yaml: unknown parameter 'metric' \(did you mean 'metrics'\?\)"):
+        load_params(params_file)
+    good = _write(tmp_path / "good.yaml", "name: good\n")
+    with pytest.raises(ParamsError, match=r"-p cv_fold: unknown parameter 'cv_fold' \(did you mean 'cv_folds'\?\)"):
+        load_params(good, {"cv_fold": "3"})
+    with pytest.raises(ParamsError, match=r"unknown parameter 'zzz'; valid keys: name, notebooks, catalog"):
+        load_params(good, {"zzz": "3"})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("k", "ten", "parameter 'k' must be an int, got 'ten' (str)"),
+    ("k", "2.5", "parameter 'k' must be an int, got 2.5 (float)"),
+    ("k", "0", "parameter 'k' must be > 0, got 0"),
+    ("same_category", "1", "parameter 'same_category' must be a bool, got 1 (int)"),
+    ("metrics", "cosine", "parameter 'metrics' must be a list of strings, got 'cosine' (str)"),
+    ("metrics", "[cosine, hamming]", "metrics must be distinct names from euclidean"),
+    ("metrics", "[cosine, cosine]", "metrics must be distinct names"),
+    ("metrics", "[]", "metrics must be distinct names"),
+    ("pooling", "avg", "pooling 'avg' must be one of gap, mac, gem, rmac or null"),
+    ("layer", "3", "parameter 'layer' must be null or a str, got 3 (int)"),
+    ("model", "null", "parameter 'model' must be a str, got None (null)"),
+    ("seed", "-1", "parameter 'seed' must be >= 0, got -1"),
+    ("minkowski_p", "0.5", "minkowski_p must be >= 1"),
+    ("name", "../escape", "run name '../escape' must be letters"),
+    ("notebooks", "[0a]", "notebooks must be two-digit prefixes such as '00', got ['0a']"),
+    ("k", "[unclosed", "-p k: value '[unclosed' is not a YAML literal"),
+])
+def test_bad_values_are_errors_naming_the_key(tmp_path, key, value, message):
+    params_file = _write(tmp_path / "p.yaml", "name: p\n")
+    with pytest.raises(ParamsError, match=f"^-p {key}: ") as info:
+        load_params(params_file, {key: value})
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params file not found: .*nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+    broken = _write(tmp_path / "broken.yaml", "k: [1, 2\n")
+    with pytest.raises(ParamsError, match=r"broken\.yaml: not valid YAML"):
+        load_params(broken)
+    listing = _write(tmp_path / "list.yaml", "- k\n- 5\n")
+    with pytest.raises(ParamsError, match=r"list\.yaml: expected a mapping of parameter names to values, got list"):
+        load_params(listing)
+    wrong_type = _write(tmp_path / "wt.yaml", "batch_size: big\n")
+    with pytest.raises(ParamsError, match=r"wt\.yaml: parameter 'batch_size' must be an int, got 'big'"):
+        load_params(wrong_type)
+    missing = _write(tmp_path / "missing.yaml", "catalog: no/such/manifest.csv\n")
+    assert load_params(missing, root=tmp_path)["catalog"] == str(tmp_path / "no/such/manifest.csv")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml: catalog not found: .*no/such/manifest\.csv"):
+        load_params(missing, root=tmp_path, check_paths=True)
+
+
+def test_defaults_file_is_the_repository_one(repo_root):
+    assert DEFAULTS_FILE == repo_root / "params" / "defaults.yaml"

@@ -1,0 +1,427 @@
+"""The visual search app (cbir.app, notebook 07).
+
+Fast part: :class:`cbir.app.VisualSearchApp` without a browser, on a colour-histogram store (no CNN),
+checked against scipy distances. Slow part (end to end): notebook 07 served by Voila and driven in
+headless Chromium with Playwright on its own small demo store (synthetic catalogue + EfficientNet-Lite0
+features, passed to the notebook with ``CBIR_STORE``): uploading a catalogue photo shows five labelled
+results with the photo itself first at distance 0, picking a catalogue image leaves it out, a text file
+gets the error message. The browser tests skip when /usr/bin/chromium, Playwright or Voila is missing.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy.spatial.distance import cdist
+
+from cbir.app import UploadError, VisualSearchApp, env_overrides, extractor_kwargs, resolve_weights, validate_upload
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "07_visual_search.ipynb"
+CHROMIUM = Path("/usr/bin/chromium")
+VOILA = Path(sys.executable).with_name("voila")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+N_IMAGES = 40
+SERVER_START_S = 90
+APP_LOAD_MS = 120_000
+SEARCH_MS = 180_000  # the first upload builds the extractor in the kernel (TensorFlow import + weights)
+# Tornado drops websocket messages over 10 MiB (closing the kernel connection), so an upload over the
+# app's 10 MiB limit would never reach the kernel: raise Voila's limit so the app can say why it refuses.
+VOILA_ARGS = ["--no-browser", "--Voila.ip=127.0.0.1",
+              "--Voila.tornado_settings={'websocket_max_message_size': 104857600}"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ------------------------------------------------------------------ the app without a browser
+def _png(shape=(30, 40, 3), value=(200, 30, 60)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full(shape, value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hist_store(tmp_path_factory):
+    """24 demo images + a byte-identical copy of the first, colour histograms (8 bins) in a store."""
+    from cbir.backbones import build_extractor
+    from cbir.catalog import load_catalog
+    from cbir.datasets import make_demo_catalog
+    from cbir.extract import extract_features
+    from cbir.store import FeatureStore
+
+    root = tmp_path_factory.mktemp("hist")
+    manifest = make_demo_catalog(root / "demo", n=24, seed=1)
+    table = pd.read_csv(manifest)
+    shutil.copy(manifest.parent / table.at[0, "image"], manifest.parent / "images" / "copy.jpg")
+    extra = table.iloc[[0]].assign(image="images/copy.jpg", product_id=999999)
+    pd.concat([table, extra]).to_csv(manifest, index=False)
+    catalog = load_catalog(manifest).usable()
+    store = FeatureStore(root / "features.sqlite")
+    run_id = extract_features(catalog, model=build_extractor("color_hist", bins=8), store=store,
+                              progress=False, workers=0)
+    ids, X = store.features(run_id)
+    return store, run_id, catalog.df.set_index("image_id"), ids, X
+
+
+def _reference(X, ids, q, metric, k=5, exclude=()):
+    """Top-k ids and distances by scipy (stable sort: ties in catalogue order)."""
+    name = {"manhattan": "cityblock"}.get(metric, metric)
+    kwargs = {"p": 3} if metric == "minkowski" else {}
+    d = cdist(np.asarray(q, np.float64)[None], X.astype(np.float64), name, **kwargs)[0]
+    order = [i for i in np.argsort(d, kind="stable") if ids[i] not in exclude][:k]
+    return list(ids[order]), d[order]
+
+
+def _shown_ids(html: str) -> list[str]:
+    """Image ids of the result cards in an HTML string, in order."""
+    return re.findall(r'class="cbir-id"[^>]*>([^<]*)</div>', html)
+
+
+def test_validate_upload_accepts_images_and_refuses_everything_else(tmp_path):
+    png = _png()
+    image = validate_upload(png, "red.png", "image/png")
+    assert image.shape == (30, 40, 3) and image.dtype == np.uint8 and tuple(image[0, 0]) == (200, 30, 60)
+    assert validate_upload(memoryview(png), "RED.PNG", None, size=16).shape == (16, 16, 3)
+    cases = [
+        (b"hello", "notes.txt", "text/plain", "extension", "notes.txt: not an image file (.txt); upload a photo"),
+        (png, "noext", "image/png", "extension", "noext: not an image file (no extension)"),
+        (png, "x.png", "text/plain", "mime", "x.png: the browser says this is text/plain, not an image"),
+        (b"", "x.jpg", "image/jpeg", "empty", "x.jpg: the file is empty"),
+        (b"just text", "x.jpg", "image/jpeg", "not_an_image", "x.jpg: the file is not an image"),
+        (png[: len(png) // 2], "cut.png", "image/png", "truncated", "cut.png: the image file is cut short"),
+    ]
+    for data, name, mime, reason, message in cases:
+        with pytest.raises(UploadError, match=re.escape(message)) as info:
+            validate_upload(data, name, mime)
+        assert info.value.reason == reason
+    with pytest.raises(UploadError, match=r"big.png: 0.0 MB is over the 0 MB upload limit") as info:
+        validate_upload(png, "big.png", "image/png", max_bytes=len(png) - 1)
+    assert info.value.reason == "too_large"
+
+
+def test_env_overrides():
+    env = {"CBIR_STORE": "/data/x.sqlite", "CBIR_K": "7", "CBIR_LAYER": "null", "CBIR_RUN": "3", "CBIR_MODEL": "",
+           "CBIR_CATALOG": "demo", "CBIR_WEIGHTS": "w/m.weights.h5", "PWD": "/home/me/cbir"}
+    got = env_overrides(env, store="a", k=5, layer="fc1", model="vgg16", run=None, catalog="x", weights="imagenet")
+    assert got == {"store": "/data/x.sqlite", "k": 7, "layer": None, "model": "vgg16", "run": 3, "catalog": "demo",
+                   "weights": "/home/me/cbir/w/m.weights.h5"}  # relative: from where the server started
+    assert env_overrides({}, store="a") == {"store": "a"}
+
+
+def test_resolve_weights_and_extractor_kwargs(tmp_path, monkeypatch):
+    from cbir.efficientnet_lite import file_sha1
+
+    assert resolve_weights({"weights": "imagenet"}) == "imagenet"
+    assert resolve_weights({"weights": "none (random init)"}) == "none"
+    assert resolve_weights({"weights": "handcrafted"}) == "none"
+    weights = tmp_path / "mine.weights.h5"
+    weights.write_bytes(b"0123")
+    identity = {"weights": "mine.weights.h5", "weights_file": "mine.weights.h5", "weights_sha1": file_sha1(weights)}
+    monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path / "nowhere"))
+    assert resolve_weights(identity, weights=str(weights)) == str(weights)
+    monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path))
+    assert resolve_weights(identity) == str(tmp_path / "mine.weights.h5")  # found in the weights folders
+    with pytest.raises(UploadError, match="used the weights file 'mine.weights.h5', which was not found"):
+        resolve_weights({**identity, "weights_sha1": "0" * 40})  # same name, other content
+    assert extractor_kwargs({"model": "color_hist", "layer": None, "pooling": None, "weights": "handcrafted",
+                             "params": {"bins": 8, "space": "rgb"}, "l2_normalize": False}) == {
+        "name": "color_hist", "layer": None, "pooling": None, "weights": "none", "l2_normalize": False,
+        "bins": 8, "space": "rgb"}
+    assert extractor_kwargs({"model": "resnet50", "layer": "conv5_block3_out", "pooling": "gem", "gem_p": 4.0,
+                             "weights": "imagenet", "l2_normalize": True}) == {
+        "name": "resnet50", "layer": "conv5_block3_out", "pooling": "gem", "weights": "imagenet",
+        "l2_normalize": True, "gem_p": 4.0}
+
+
+def test_search_catalog_image_matches_scipy_and_leaves_out_duplicates(hist_store):
+    store, run_id, catalog, ids, X = hist_store
+    app = VisualSearchApp(store, model="color_hist")
+    assert app.run_id == run_id and app.problem is None
+    first = catalog.index[0]
+    copy = catalog.index[catalog["path"].str.endswith("copy.jpg")][0]
+    assert catalog.at[copy, "dup_group"] == first
+    for metric in ("cosine", "euclidean", "manhattan", "minkowski", "chebyshev", "correlation"):
+        found = app.search_catalog_image(first, metric=metric)
+        want_ids, want_d = _reference(X, ids, X[list(ids).index(first)], metric, exclude={first, copy})
+        assert list(found.columns) == ["rank", "image_id", "category", "subcategory", "distance", "similarity", "path"]
+        assert found["image_id"].tolist() == want_ids
+        np.testing.assert_allclose(found["distance"], want_d, rtol=1e-5, atol=1e-6)
+        assert found["rank"].tolist() == [1, 2, 3, 4, 5]
+        assert found["subcategory"].tolist() == catalog.loc[want_ids, "subcategory"].tolist()
+        if metric in ("cosine", "correlation"):
+            np.testing.assert_allclose(found["similarity"], 1 - found["distance"])
+        else:
+            assert found["similarity"].isna().all()
+    with pytest.raises(KeyError, match="has no vector"):
+        app.search_catalog_image("no-such-id")
+
+
+def test_search_bytes_embeds_like_the_extraction(hist_store):
+    store, run_id, catalog, ids, X = hist_store
+    app = VisualSearchApp(store, k=3)
+    query = catalog.index[5]
+    data = Path(catalog.at[query, "path"]).read_bytes()
+    found = app.search_bytes(data, "photo.jpg", "image/jpeg")
+    want_ids, want_d = _reference(X, ids, X[list(ids).index(query)], "cosine", k=3)
+    assert found["image_id"].tolist() == want_ids and want_ids[0] == query
+    assert found["distance"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(found["distance"], want_d, rtol=1e-5, atol=1e-6)
+    # the same pixels re-encoded as a lossless PNG: the same vector
+    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    again = app.search_bytes(buffer.getvalue(), "photo.png", "image/png", metric="euclidean", k=5)
+    assert again["image_id"].iloc[0] == query and again["distance"].iloc[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(UploadError, match="notes.txt: not an image file"):
+        app.search_bytes(b"hello", "notes.txt", "text/plain")
+
+
+def test_widget_drives_the_search(hist_store):
+    store, run_id, catalog, ids, X = hist_store
+    app = VisualSearchApp(store)
+    box = app.widget()
+    assert "cbir-app" in box._dom_classes
+    c = app.controls
+    assert c["message"].value == (f'<div class="cbir-info">{len(ids)} catalogue images in run {run_id}: '
+                                  'upload a photo or pick one</div>')
+    assert c["metric"].value == "cosine" and c["run"].value == run_id
+    assert len(c["pick"].options) == len(ids) and c["pick"].value is None
+
+    def upload(name, mime, data):
+        c["upload"].value = ({"name": name, "type": mime, "size": len(data), "content": memoryview(data),
+                              "last_modified": datetime(2024, 1, 1, tzinfo=timezone.utc)},)
+
+    upload("notes.txt", "text/plain", b"hello")
+    assert 'class="cbir-error"' in c["message"].value and "notes.txt: not an image file (.txt)" in c["message"].value
+    assert c["results"].value == "" and c["upload"].value == ()
+
+    query = catalog.index[3]
+    upload("p.jpg", "image/jpeg", Path(catalog.at[query, "path"]).read_bytes())
+    want_ids, want_d = _reference(X, ids, X[list(ids).index(query)], "cosine")
+    html = c["results"].value
+    assert html.count('class="cbir-result"') == 5
+    assert _shown_ids(html) == want_ids
+    assert f"#1 · d = {want_d[0]:.3f}" in html and "cbir-error" not in c["message"].value
+    assert "your photo" in c["query"].value
+
+    c["metric"].value = "chebyshev"  # reruns the last query with the new measure
+    want_ids, want_d = _reference(X, ids, X[list(ids).index(query)], "chebyshev")
+    assert _shown_ids(c["results"].value) == want_ids
+    assert f"#5 · d = {want_d[4]:.3f}" in c["results"].value
+    assert c["message"].value == f'<div class="cbir-info">Top 5 by chebyshev distance in run {run_id}</div>'
+
+    c["pick"].value = query
+    want_ids, _ = _reference(X, ids, X[list(ids).index(query)], "chebyshev", exclude={query})
+    assert _shown_ids(c["results"].value) == want_ids
+    assert f">{query}</div>" in c["query"].value
+
+
+def test_switching_run_reembeds_the_upload_with_that_runs_extractor(hist_store, tmp_path):
+    from cbir.backbones import build_extractor
+    from cbir.extract import extract_features
+    from cbir.store import FeatureStore
+
+    _, _, catalog, _, _ = hist_store
+    store = FeatureStore(tmp_path / "two.sqlite")
+    frame = catalog.reset_index()
+    hist = extract_features(frame, model=build_extractor("color_hist", bins=4), store=store, progress=False, workers=0)
+    lbp = extract_features(frame, model=build_extractor("lbp", points=8, radius=1), store=store, progress=False,
+                           workers=0)
+    app = VisualSearchApp(store)
+    assert app.run_id == lbp  # the latest complete run
+    app.widget()
+    query = catalog.index[7]
+    data = Path(catalog.at[query, "path"]).read_bytes()
+    when = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    app.controls["upload"].value = ({"name": "q.jpg", "type": "image/jpeg", "size": len(data),
+                                     "content": memoryview(data), "last_modified": when},)
+    shown = {}
+    for run_id in (lbp, hist):
+        if app.controls["run"].value != run_id:
+            app.controls["run"].value = run_id  # reruns the upload with the colour-histogram extractor
+        ids, X = store.features(run_id)
+        want_ids, want_d = _reference(X, ids, X[list(ids).index(query)], "cosine")
+        assert app.run_id == run_id
+        shown[run_id] = _shown_ids(app.controls["results"].value)
+        assert shown[run_id] == want_ids and want_ids[0] == query
+        assert f"#1 · d = {want_d[0]:.3f}" in app.controls["results"].value
+    assert X.shape[1] == 12  # bins=4 rebuilt from the stored identity, not the default 32
+    assert shown[lbp] != shown[hist]
+
+
+def test_missing_store_is_shown_not_raised(tmp_path):
+    app = VisualSearchApp(tmp_path / "nope.sqlite")
+    assert app.problem.startswith(f"No feature store at {tmp_path / 'nope.sqlite'}: run `make demo`")
+    app.widget()
+    assert 'class="cbir-error"' in app.controls["message"].value
+    with pytest.raises(RuntimeError, match="No feature store"):
+        app.search_bytes(_png(), "x.png")
+
+
+def test_unknown_run_is_shown_not_raised(hist_store):
+    store, run_id, *_ = hist_store
+    app = VisualSearchApp(store, run=99)
+    assert app.problem == f"no complete run 99 with features in this store; runs: {run_id} (color_hist)"
+    assert VisualSearchApp(store, run=run_id).run_id == run_id
+
+
+# ------------------------------------------------------------------ end to end in a browser
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    """A store with one complete efficientnet_lite0/gap run over a 40-image demo catalogue."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    if not VOILA.exists():
+        pytest.skip(f"voila not installed next to {sys.executable}")
+    for module in ("cbir.datasets", "cbir.catalog", "cbir.extract", "cbir.search", "cbir.backbones"):
+        pytest.importorskip(module, reason=f"{module} not written yet")
+    from cbir.backbones import WeightsUnavailableError
+    from cbir.catalog import load_catalog
+    from cbir.datasets import make_demo_catalog
+    from cbir.extract import extract_features
+    from cbir.store import FeatureStore
+
+    root = tmp_path_factory.mktemp("e2e")
+    catalog = load_catalog(make_demo_catalog(root / "demo_catalog", n=N_IMAGES, seed=0)).usable()
+    store = FeatureStore(root / "features.sqlite")
+    try:
+        run_id = extract_features(catalog, model="efficientnet_lite0", pooling="gap", weights="imagenet",
+                                  store=store, progress=False)
+    except WeightsUnavailableError as exc:
+        pytest.skip(f"efficientnet_lite0 weights unavailable: {exc}")
+    assert store.run(run_id)["n_features"] == N_IMAGES
+    return store.path, catalog.df.set_index("image_id")
+
+
+@pytest.fixture(scope="module")
+def voila_url(demo_store, tmp_path_factory):
+    """Voila serving notebook 07 on a free localhost port; always terminated (with its kernels)."""
+    store_path, _ = demo_store
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("voila") / "voila.log"
+    env = {**os.environ, "CBIR_STORE": str(store_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("CBIR_RUN", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(VOILA), str(NOTEBOOK), f"--port={port}", *VOILA_ARGS],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"voila exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"voila not listening on {port} after {SERVER_START_S} s:\n"
+                                f"{log_path.read_text()[-3000:]}")
+                time.sleep(0.25)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()  # voila shuts its kernels down on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def page(voila_url, tmp_path):
+    """A fresh headless Chromium (own user-data-dir) with notebook 07 loaded."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = context.new_page()
+            page.goto(voila_url, timeout=APP_LOAD_MS)
+            page.wait_for_selector(".cbir-app .cbir-upload", timeout=APP_LOAD_MS)
+            yield page
+        finally:
+            context.close()
+
+
+def _upload(page, path: Path) -> None:
+    """Choose ``path`` in the FileUpload widget (its <input type=file> is created off-DOM by ipywidgets 8)."""
+    with page.expect_file_chooser() as chooser:
+        page.click(".cbir-upload")
+    chooser.value.set_files(str(path))
+
+
+def _cards(page) -> list[tuple[str, str, str]]:
+    """(image id, sub-category label, distance text) of each result card, in rank order."""
+    ids = page.locator(".cbir-result .cbir-id").all_inner_texts()
+    labels = page.locator(".cbir-result .cbir-label").all_inner_texts()
+    distances = page.locator(".cbir-result .cbir-distance").all_inner_texts()
+    return list(zip(ids, labels, distances))
+
+
+@pytest.mark.slow
+def test_upload_a_catalogue_photo_then_pick_one(page, demo_store):
+    _, catalog = demo_store
+    assert page.locator(".cbir-message").inner_text().startswith(f"{N_IMAGES} catalogue images in run 1")
+    query_id = catalog.index[0]
+    _upload(page, Path(catalog.at[query_id, "path"]))
+    page.wait_for_function("document.querySelectorAll('.cbir-result').length === 5", timeout=SEARCH_MS)
+    cards = _cards(page)
+    assert len(cards) == 5
+    # the uploaded photo is embedded exactly like the stored catalogue: itself first at distance 0
+    assert cards[0][0] == query_id and cards[0][2] == "#1 · d = 0.000"
+    for rank, (image_id, label, distance) in enumerate(cards, start=1):
+        assert label == catalog.at[image_id, "subcategory"]  # the label shown is the catalogue's
+        assert distance.startswith(f"#{rank} · d = ")
+    shown = [float(d.split("= ")[1]) for _, _, d in cards]
+    assert shown == sorted(shown) and shown[1] > 0
+    assert page.locator(".cbir-error").count() == 0
+    assert page.locator(".cbir-query .cbir-id").inner_text() == Path(catalog.at[query_id, "path"]).name
+
+    # picking the same image from the catalogue leaves it out and shows the next five
+    option = f"{query_id} · {catalog.at[query_id, 'subcategory']} ({catalog.at[query_id, 'category']})"
+    page.select_option(".cbir-pick select", label=option)
+    page.wait_for_function(
+        f"document.querySelector('.cbir-query .cbir-id')?.textContent === '{query_id}'", timeout=SEARCH_MS)
+    page.wait_for_function("document.querySelectorAll('.cbir-result').length === 5", timeout=SEARCH_MS)
+    picked = [c[0] for c in _cards(page)]
+    assert query_id not in picked
+    assert {c[0] for c in cards[1:]} <= set(picked)  # the upload's ranks 2-5 (up to float ties)
+
+
+@pytest.mark.slow
+def test_text_file_and_oversized_uploads_show_the_error(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo\n")
+    _upload(page, notes)
+    page.wait_for_selector(".cbir-error", timeout=SEARCH_MS)
+    assert page.locator(".cbir-error").inner_text() == (
+        "notes.txt: not an image file (.txt); upload a photo (JPG, JPEG, PNG, WEBP)")
+    assert page.locator(".cbir-result").count() == 0
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + bytes(11_000_000 - 3))  # 10.5 MiB, over the 10 MiB limit
+    _upload(page, big)
+    page.wait_for_function("document.querySelector('.cbir-error')?.textContent.startsWith('big.jpg')",
+                           timeout=SEARCH_MS)
+    assert page.locator(".cbir-error").inner_text() == "big.jpg: 10.5 MB is over the 10 MB upload limit"
