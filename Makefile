@@ -3,8 +3,11 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+VOILA_SETTINGS := --Voila.tornado_settings="{'websocket_max_message_size': 104857600}"
 
-.PHONY: venv demo test test-fast lab notebooks bench clean
+.PHONY: venv demo study test test-fast notebooks lab app bench clean
 
 venv: $(STAMP)
 
@@ -18,12 +21,34 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/cbir run params/demo.yaml
 
-## The whole test suite (unit tests, notebook regression tests, end-to-end tests)
+## The study on the real catalogue: every model and baseline, then the cross-model summary
+study: venv
+	$(BIN)/cbir run params/vgg16.yaml params/vgg19.yaml params/resnet50.yaml params/xception.yaml \
+		params/mobilenet_v2.yaml params/efficientnet_lite0.yaml params/color_hist.yaml params/lbp.yaml params/hog.yaml
+	$(BIN)/cbir run params/summary.yaml
+
+## The whole test suite: unit and end-to-end tests, then the notebooks re-executed and compared (nbval)
 test: venv
-	$(BIN)/python -m pytest tests
+	rm -rf outputs/notebooks
+	$(BIN)/python -m pytest tests notebooks $(NBVAL)
+
+## Unit tests only, without the slow ones
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not slow"
+
+## Re-execute the notebooks in place with their demo defaults (the outputs nbval compares against)
+notebooks: venv
+	rm -rf outputs/notebooks
+	cd notebooks && for nb in [0-9][0-9]_*.ipynb; do \
+		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
+	done
 
 lab: venv
 	$(BIN)/jupyter lab notebooks
+
+## The visual search app under Voila (http://localhost:8866)
+app: venv
+	$(BIN)/voila notebooks/07_visual_search.ipynb --no-browser --port 8866 $(VOILA_SETTINGS)
 
 bench: venv
 	$(BIN)/python benchmarks/extract.py
