@@ -1,0 +1,202 @@
+"""cbir.ablation: colour/texture tables of retrieved pairs and the region-of-interest cropping ablation."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cbir.ablation import (COLOR_TEXTURE_COLUMNS, ROI_ABLATION_COLUMNS, ROI_MEASURES, best_tuple, changed_queries,
+                           color_texture_by_rank, color_texture_table, crop_images, crop_loader, ensure_neighbours,
+                           ensure_roi_features, example_pairs, feature_label, paired_summary, pick_colour_example,
+                           plot_color_texture_heatmaps, plot_roi_differences, roi_ablation, roi_grid_sample,
+                           roi_histograms, roi_variant, stored_neighbours)
+from cbir.catalog import load_catalog, split_queries
+from cbir.datasets import make_demo_catalog
+from cbir.extract import ensure_features
+from cbir.images import ImageError
+from cbir.store import FeatureStore
+
+RED, BLUE, DARK_RED, GREEN = (200, 30, 40), (40, 100, 210), (190, 40, 50), (40, 150, 60)
+
+
+# ------------------------------------------------------------------------------------ hand-made tables
+def _pairs() -> pd.DataFrame:
+    """Two tuples: a CNN (3 pairs, one unreadable) and a handcrafted descriptor without layer/pooling."""
+    return pd.DataFrame({
+        "model": ["vgg19"] * 3 + ["color_hist"] * 2, "layer": ["block5_pool"] * 3 + [None] * 2,
+        "pooling": ["gap"] * 3 + [None] * 2, "metric": ["cosine"] * 3 + ["euclidean"] * 2,
+        "query_id": ["q1", "q1", "q2", "q1", "q1"], "rank": [1, 2, 1, 1, 2],
+        "neighbour_id": ["a", "b", "c", "a", "d"],
+        "color_corr": [0.9, 0.5, np.nan, 0.2, -0.1], "lbp_chi2": [0.01, 0.05, np.nan, 0.3, 0.1]})
+
+
+def test_color_texture_table_statistics_per_tuple():
+    table = color_texture_table(_pairs())
+    assert list(table.columns) == COLOR_TEXTURE_COLUMNS
+    assert len(table) == 2
+    cnn = table.iloc[0]
+    assert (cnn["model"], cnn["layer"], cnn["pooling"], cnn["metric"]) == ("vgg19", "block5_pool", "gap", "cosine")
+    assert cnn["n_pairs"] == 2  # the unreadable pair is not counted
+    assert cnn["color_corr_mean"] == pytest.approx(0.7)
+    assert (cnn["color_corr_min"], cnn["color_corr_max"]) == (0.5, 0.9)
+    assert cnn["lbp_chi2_mean"] == pytest.approx(0.03)
+    hand = table.iloc[1]
+    assert pd.isna(hand["layer"]) and pd.isna(hand["pooling"])  # None kept as a group, not dropped
+    assert hand["color_corr_mean"] == pytest.approx(0.05)
+    assert (hand["lbp_chi2_min"], hand["lbp_chi2_max"]) == (0.1, 0.3)
+
+
+def test_color_texture_by_rank_and_examples():
+    by_rank = color_texture_by_rank(_pairs())
+    assert by_rank[["metric", "rank", "n_pairs"]].values.tolist() == [
+        ["euclidean", 1, 1], ["euclidean", 2, 1], ["cosine", 1, 1], ["cosine", 2, 1]]
+    hand_rank2 = by_rank.loc[(by_rank["metric"] == "euclidean") & (by_rank["rank"] == 2)].iloc[0]
+    assert hand_rank2["color_corr_mean"] == pytest.approx(-0.1)
+    ex = example_pairs(_pairs()).set_index("example")
+    assert ex.loc["most similar colour", "neighbour_id"] == "a" and ex.loc["most similar colour", "color_corr"] == 0.9
+    assert ex.loc["least similar colour", "neighbour_id"] == "d"
+    assert ex.loc["most similar texture", "lbp_chi2"] == 0.01
+    assert ex.loc["least similar texture", "lbp_chi2"] == 0.3
+    assert feature_label(_pairs()).tolist()[::3] == ["vgg19 / block5_pool / gap", "color_hist"]
+
+
+def test_best_tuple_picks_highest_subcategory_match():
+    labels = pd.DataFrame({"image_id": ["q", "a", "b", "c"], "category": ["tops", "tops", "tops", "shoes"],
+                           "subcategory": ["shirt", "shirt", "dress", "boot"]})
+    nb = pd.DataFrame({"model": "m", "layer": None, "pooling": None,
+                       "metric": ["euclidean", "euclidean", "cosine", "cosine"], "query_id": "q",
+                       "rank": [1, 2, 1, 2], "neighbour_id": ["b", "c", "a", "c"]})
+    best = best_tuple(nb, labels)
+    assert best["metric"] == "cosine"
+    assert best["subcategory_match"] == 0.5 and best["category_match"] == 0.5
+    assert best["layer"] is None
+
+
+def test_paired_summary_on_hand_made_scores():
+    per_query = pd.DataFrame({
+        "model": "m", "layer": None, "pooling": None, "metric": "cosine",
+        "query_id": ["q1", "q2", "q3", "q4"] * 2 + ["q1", "q2", "q3"],
+        "measure": ["color_corr"] * 4 + ["category_match"] * 4 + ["lbp_chi2"] * 3,
+        "original": [0.2, 0.4, 0.6, 0.8, 1.0, 0.0, 1.0, 0.0, 0.1, np.nan, 0.3],
+        "cropped": [0.3, 0.5, 0.7, 0.9, 0.0, 1.0, 0.0, 1.0, 0.2, 0.5, 0.2],
+        "original_masked": [0.1, 0.1, 0.1, 0.5] + [np.nan] * 4 + [0.0, 0.0, 0.0]})
+    summary = paired_summary(per_query, n_boot=500, n_perm=10000, seed=0)
+    assert list(summary.columns) == ROI_ABLATION_COLUMNS
+    s = summary.set_index("measure")
+    colour = s.loc["color_corr"]
+    assert (colour["original"], colour["cropped"]) == (pytest.approx(0.5), pytest.approx(0.6))
+    assert colour["difference"] == pytest.approx(0.1)
+    assert colour["diff_lo"] == pytest.approx(0.1) and colour["diff_hi"] == pytest.approx(0.1)
+    assert colour["p_value"] == pytest.approx(2 / 16)  # exact sign-flip test: only all-+ and all-- reach 0.1
+    assert colour["original_masked"] == pytest.approx(0.2)
+    match = s.loc["category_match"]
+    assert match["difference"] == 0.0 and match["p_value"] == 1.0 and np.isnan(match["original_masked"])
+    texture = s.loc["lbp_chi2"]  # q2 has no original value: left out of the pairing
+    assert texture["n_queries"] == 2
+    assert texture["difference"] == pytest.approx(0.0)
+    assert texture["original"] == pytest.approx(0.2)
+
+
+def test_changed_queries_orders_by_absolute_change():
+    pq = pd.DataFrame({"metric": "cosine", "measure": "subcategory_match", "query_id": ["a", "b", "c", "d"],
+                       "original": [0.2, 0.8, 0.5, 0.5], "cropped": [0.4, 0.2, 0.5, 0.1]})
+    assert changed_queries(pq, metric="cosine", n=3) == ["b", "d", "a"]
+    with pytest.raises(KeyError, match="euclidean"):
+        changed_queries(pq, metric="euclidean")
+
+
+def test_roi_variant_and_crop_loader(tmp_path):
+    assert roi_variant(4) == "roi" and roi_variant(8) == "roi_m8"
+    Image.fromarray(np.full((10, 20, 3), 7, np.uint8)).save(tmp_path / "crop.png")
+    load = crop_loader(pd.DataFrame({"source_path": ["/orig/a.jpg"], "path": [str(tmp_path / "crop.png")]}))
+    img = load("/orig/a.jpg", 16)
+    assert img.shape == (16, 16, 3) and (img == 7).all()
+    with pytest.raises(ImageError, match="missing"):
+        load("/orig/b.jpg", 16)
+
+
+# ----------------------------------------------------------------------- hand-made garments on white
+def _garment(colour: tuple[int, int, int], size: int = 96) -> np.ndarray:
+    img = np.full((size, size, 3), 252, np.uint8)
+    img[24:72, 30:66] = colour  # a flat-coloured product on a white studio background
+    return img
+
+
+def test_pick_colour_example_finds_differently_coloured_pair_on_white():
+    images = {"red": _garment(RED), "blue": _garment(BLUE), "red2": _garment(DARK_RED), "green": _garment(GREEN)}
+    labels = pd.DataFrame({"image_id": list(images), "subcategory": ["shirt", "shirt", "shirt", "boot"],
+                           "colour": ["red", "blue", "red", "green"], "is_fashion": True})
+    whole, roi = roi_histograms(list(images), images, bins=32, progress=False, workers=1)
+    ex = pick_colour_example(whole, roi, labels).iloc[0]
+    assert {ex["image_a"], ex["image_b"]} in ({"red", "blue"}, {"red2", "blue"})
+    assert ex["colour_a"] != ex["colour_b"]
+    assert ex["color_corr_whole"] > 0.9  # the white background dominates every channel's histogram
+    # inside the ROI each channel holds one spike in different bins: r = -1/(bins-1)
+    assert ex["color_corr_roi"] == pytest.approx(-1 / 31, abs=0.01)
+    assert ex["drop"] == pytest.approx(ex["color_corr_whole"] - ex["color_corr_roi"])
+    assert ex["criterion"].startswith("different colour")
+    # without a colour column the mean ROI colours decide; two reds (close colours) never qualify
+    ex2 = pick_colour_example(whole, roi, labels.drop(columns="colour")).iloc[0]
+    assert "blue" in (ex2["image_a"], ex2["image_b"]) and ex2["colour_distance"] >= 80
+
+
+# ------------------------------------------------------------------------ end to end on a demo store
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    cat = split_queries(load_catalog(make_demo_catalog(root / "cat", n=42, seed=1, size=96), progress=False),
+                        n_queries=6, seed=0)
+    store = FeatureStore(root / "features.sqlite")
+    run_id = ensure_features(cat, store=store, model="color_hist", pooling=None, progress=False)
+    return root, cat, store, run_id
+
+
+def test_ensure_neighbours_searches_once_and_again_when_settings_change(demo_store):
+    _, cat, store, run_id = demo_store
+    kw = dict(query_ids=cat.queries().ids, catalog_ids=cat.searchable().ids, metrics=["euclidean", "cosine"])
+    nb = ensure_neighbours(store, run_id, k=3, tag="t", **kw)
+    assert nb["metric"].unique().tolist() == ["euclidean", "cosine"]
+    assert nb.groupby("metric")["query_id"].nunique().tolist() == [6, 6]
+    assert not nb["neighbour_id"].isin(cat.queries().ids).any()  # queries never search each other
+    sets = store.neighbour_sets().query("tag == 't'").set_index("metric")["created"]
+    ensure_neighbours(store, run_id, k=3, tag="t", **kw)
+    assert store.neighbour_sets().query("tag == 't'").set_index("metric")["created"].equals(sets)  # reused
+    nb5 = ensure_neighbours(store, run_id, k=5, tag="t", **kw)
+    assert nb5["rank"].max() == 5
+    assert (store.neighbour_sets().query("tag == 't'").set_index("metric")["created"] > sets).all()
+
+
+def test_roi_ablation_end_to_end(demo_store):
+    root, cat, store, run_id = demo_store
+    crops = crop_images(cat, root / "out", margin=4, progress=False)
+    assert len(crops) == len(cat) and crops["path"].str.contains("roi_crops").all()
+    roi_run = ensure_roi_features(cat, crops, store=store, model="color_hist", margin=4, progress=False)
+    assert roi_run != run_id and store.run(roi_run)["variant"] == "roi"
+    assert store.run(roi_run)["n_features"] == len(cat)
+    # the store's catalogue keeps the original photos' paths
+    assert store.catalog().set_index("image_id")["path"].to_dict() == cat.df.set_index("image_id")["path"].to_dict()
+
+    per_query, summary = roi_ablation(store, cat, run_id=run_id, roi_run_id=roi_run, metrics=["euclidean", "cosine"],
+                                      k=3, n_boot=300, n_perm=2000, progress=False, workers=1)
+    assert list(summary.columns) == ROI_ABLATION_COLUMNS
+    assert summary[["metric", "measure"]].values.tolist() == [
+        [m, s] for m in ("euclidean", "cosine") for s in ROI_MEASURES]
+    assert (summary["n_queries"] == 6).all() and (summary["model"] == "color_hist").all()
+    assert len(per_query) == 2 * 4 * 6
+    assert np.allclose(summary["difference"], summary["cropped"] - summary["original"])
+    colour = summary.loc[summary["measure"] == "color_corr"]
+    # differently coloured products on white: the background inflates the whole-photo correlation
+    assert (colour["original"] > 0.8).all()
+    assert (colour["original_masked"] < colour["original"] - 0.4).all()  # same pairs, background masked out
+    assert (colour["diff_hi"] < 0).all()
+    match = per_query.loc[per_query["measure"] == "category_match", ["original", "cropped"]]
+    assert match.isin([0, 1 / 3, 2 / 3, 1]).all().all()
+
+    # 05 reads only whole-image neighbour sets; 06's cropped sets are another variant
+    assert stored_neighbours(store)["run_id"].unique().tolist() == [run_id]
+    assert set(stored_neighbours(store, variant=None)["variant"]) == {"original", "roi"}
+    assert len(roi_grid_sample(crops, n=8)) == 8
+    assert len(plot_roi_differences(summary).axes) == 4
+    pairs = per_query.assign(color_corr=per_query["original"], lbp_chi2=per_query["cropped"])
+    assert len([ax for ax in plot_color_texture_heatmaps(pairs).axes if ax.get_title()]) == 2
