@@ -1,0 +1,317 @@
+"""Batched, streaming, resumable feature extraction into the :class:`~cbir.store.FeatureStore`.
+
+A thread pool decodes and resizes the next batches (at most ``prefetch`` batches ahead, so memory stays
+flat whatever the catalogue size) while the model runs the current one; each batch's vectors and
+failures are written in one transaction; ids already in the store are skipped, so a run interrupted at
+any point (even ``kill -9``) resumes where it stopped and ends with exactly the vectors of an
+uninterrupted run. Works with any Keras backend: plain numpy batches in, numpy vectors out.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cbir.images import ImageError, read_image
+from cbir.store import FeatureStore
+
+__all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
+           "catalog_frame", "library_versions"]
+
+Loader = Callable[[str, int], np.ndarray]
+"""``loader(path, size) -> uint8[size, size, 3]``; raises :class:`~cbir.images.ImageError` for bad files."""
+
+_VERSION_MODULES = ("numpy", "pandas", "PIL", "keras", "tensorflow", "jax", "torch", "sklearn", "cv2")
+
+
+def _read(path: str, size: int) -> np.ndarray:
+    return read_image(path, size=size)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python, cbir and the numeric libraries already imported (nothing is imported here)."""
+    import cbir
+
+    versions = {"python": platform.python_version(), "cbir": cbir.__version__}
+    for name in _VERSION_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__version__", None):
+            versions[name] = str(module.__version__)
+    if "keras" in sys.modules:
+        try:
+            versions["keras_backend"] = str(sys.modules["keras"].backend.backend())
+        except Exception:  # pragma: no cover - a broken keras install must not stop an extraction
+            pass
+    return versions
+
+
+def catalog_frame(catalog: Any) -> pd.DataFrame:
+    """The DataFrame of a :class:`~cbir.catalog.Catalog` (or a DataFrame), checked for ``image_id`` and ``path``."""
+    df = getattr(catalog, "df", catalog)
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"catalog must be a Catalog or a DataFrame, got {type(catalog).__name__}")
+    missing = [c for c in ("image_id", "path") if c not in df.columns]
+    if missing:
+        raise ValueError(f"the catalogue needs columns image_id and path; missing {missing}")
+    ids = df["image_id"].astype(str)
+    if ids.duplicated().any():
+        raise ValueError(f"the catalogue has duplicate image_id values, e.g. {ids[ids.duplicated()].iloc[:5].tolist()}")
+    return df
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_extractor(name: str, layer: str | None, pooling: str | None, weights: str, l2_normalize: bool) -> Any:
+    from cbir.backbones import build_extractor
+
+    return build_extractor(name, layer=layer, pooling=pooling, weights=weights, l2_normalize=l2_normalize)
+
+
+def _resolve_extractor(model: Any, *, layer: str | None, pooling: str | None, weights: Any,
+                       l2_normalize: bool) -> tuple[Any, bool]:
+    """``(extractor, normalise_here)``: a name is built by :func:`cbir.backbones.build_extractor`
+    (which L2-normalises itself); an instance is used as is and normalised here when asked."""
+    if isinstance(model, str):
+        weights = str(weights) if isinstance(weights, os.PathLike) else weights
+        return _cached_extractor(model, layer, pooling, weights, bool(l2_normalize)), False
+    for attr in ("input_size", "dim", "identity"):
+        if not hasattr(model, attr):
+            raise TypeError(f"model must be a backbone name or an Extractor (missing {attr!r}), got {model!r}")
+    already = bool(model.identity().get("l2_normalize", False))
+    return model, bool(l2_normalize) and not already
+
+
+def _identity(extractor: Any, *, variant: str, l2_here: bool) -> dict[str, Any]:
+    identity = dict(extractor.identity())
+    identity.update(
+        model=getattr(extractor, "name", identity.get("model")),
+        layer=getattr(extractor, "layer", identity.get("layer")),
+        pooling=getattr(extractor, "pooling", identity.get("pooling")),
+        weights=getattr(extractor, "weights_label", identity.get("weights")),
+        weights_sha1=getattr(extractor, "weights_sha1", identity.get("weights_sha1")),
+        input_size=int(extractor.input_size),
+        dim=int(extractor.dim),
+        variant=variant,
+    )
+    if l2_here:
+        identity["l2_normalize"] = True
+    return identity
+
+
+def _load_one(loader: Loader, path: Any, size: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    """Decode one image: ``(array, None, None)`` or ``(None, reason, detail)``; never raises for a bad file."""
+    if path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == "":
+        return None, "missing", "no path"
+    try:
+        image = loader(str(path), size)
+    except ImageError as exc:
+        return None, exc.reason, getattr(exc, "detail", "") or str(exc)
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run; recorded with its type
+        return None, "error", f"{type(exc).__name__}: {exc}"
+    if image.shape != (size, size, 3) or image.dtype != np.uint8:
+        return None, "bad_shape", f"loader returned {image.dtype}{list(image.shape)}, expected uint8[{size}, {size}, 3]"
+    return image, None, None
+
+
+def extract_features(
+    catalog: Any,
+    *,
+    model: Any,
+    layer: str | None = None,
+    pooling: str | None = None,
+    weights: Any = "imagenet",
+    store: FeatureStore | str | os.PathLike[str],
+    batch_size: int = 32,
+    workers: int = 2,
+    l2_normalize: bool = False,
+    progress: bool = True,
+    name: str | None = None,
+    variant: str = "original",
+    loader: Loader | None = None,
+    prefetch: int = 2,
+    pad_batches: bool = True,
+) -> int:
+    """Extract one vector per catalogue image into ``store``; returns the run id.
+
+    ``catalog``: a Catalog or a DataFrame with ``image_id`` and ``path`` (written to the store's catalogue).
+    ``model``: a backbone/descriptor name (built with ``layer``, ``pooling``, ``weights``, ``l2_normalize``)
+    or an Extractor instance (``input_size``, ``dim``, ``identity()``, ``__call__(uint8[N,H,W,3]) ->
+    float32[N,dim]``). ``variant`` labels the image version (``"original"``, ``"roi"``, ...) and ``loader``
+    (``loader(path, size) -> uint8[size,size,3]``, default :func:`cbir.images.read_image`) produces it.
+    ``workers`` decoding threads run ``prefetch`` batches ahead of the model (``workers=0``: decode inline).
+    ``pad_batches`` pads a short batch (the last one, or one thinned by bad images) with black images whose
+    outputs are dropped, so the model always sees the same input shape (tf.function / jax.jit never retrace).
+    Bad images are recorded as failures (``store.failures(run_id)``), never raised. Images already done in
+    the run with the same identity are skipped, so calling again resumes or is a no-op.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    df = catalog_frame(catalog)
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    extractor, l2_here = _resolve_extractor(model, layer=layer, pooling=pooling, weights=weights,
+                                            l2_normalize=l2_normalize)
+    size = int(extractor.input_size)
+    loader = loader or _read
+    run_id = store.start_run(_identity(extractor, variant=variant, l2_here=l2_here), name=name,
+                             versions=library_versions())
+    store.put_catalog(df)
+
+    ids = df["image_id"].astype(str).to_numpy()
+    done = store.done_ids(run_id) | store.failed_ids(run_id)
+    todo = ~np.isin(ids, np.array(sorted(done), dtype=str)) if done else np.ones(len(ids), dtype=bool)
+    todo_ids, todo_paths = ids[todo], df["path"].to_numpy(dtype=object)[todo]
+    if len(todo_ids) == 0:
+        if store.run(run_id)["status"] != "complete":
+            store.finish_run(run_id, n_images=len(ids))
+        return run_id
+    store.set_status(run_id, "running")
+
+    from tqdm import tqdm
+
+    timings = {"decode_wait": 0.0, "model": 0.0, "write": 0.0}
+    n_vectors = n_failed = 0
+    start = time.perf_counter()
+    starts = range(0, len(todo_ids), batch_size)
+    model_rows = min(batch_size, len(todo_ids))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cbir-decode") if workers > 0 else None
+    pending: deque[tuple[int, list[Any]]] = deque()
+
+    def submit(i: int) -> None:
+        paths = todo_paths[i:i + batch_size]
+        if pool is None:
+            pending.append((i, list(paths)))  # decoded when its turn comes
+        else:
+            pending.append((i, [pool.submit(_load_one, loader, p, size) for p in paths]))
+
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo_ids), disable=not progress, unit="img",
+               desc=f"{getattr(extractor, 'name', 'features')} run {run_id}", dynamic_ncols=True)
+    try:
+        next_start = iter(starts)
+        for _ in range(1 + (max(0, prefetch) if pool is not None else 0)):
+            i = next(next_start, None)
+            if i is None:
+                break
+            submit(i)
+        while pending:
+            i, slots = pending.popleft()
+            t0 = time.perf_counter()
+            if pool is not None:
+                results = [s.result() for s in slots]
+            else:
+                results = [_load_one(loader, p, size) for p in slots]
+            t1 = time.perf_counter()
+            following = next(next_start, None)
+            if following is not None:
+                submit(following)  # keep the decoders `prefetch` batches ahead
+            batch_ids = todo_ids[i:i + batch_size]
+            ok = [k for k, r in enumerate(results) if r[0] is not None]
+            fails = [(batch_ids[k], results[k][1], results[k][2]) for k, r in enumerate(results) if r[0] is None]
+            X = np.empty((0, int(extractor.dim)), dtype=np.float32)
+            if ok:
+                batch = np.stack([results[k][0] for k in ok])
+                if pad_batches and len(ok) < model_rows:  # one input shape: compiled models never retrace
+                    batch = np.concatenate([batch, np.zeros((model_rows - len(ok), *batch.shape[1:]), np.uint8)])
+                X = np.asarray(extractor(batch), dtype=np.float32)[:len(ok)]
+                if l2_here:
+                    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+            t2 = time.perf_counter()
+            store.put_features(run_id, batch_ids[ok], X, failures=fails)
+            t3 = time.perf_counter()
+            timings["decode_wait"] += t1 - t0
+            timings["model"] += t2 - t1
+            timings["write"] += t3 - t2
+            n_vectors += len(ok)
+            n_failed += len(fails)
+            bar.update(len(batch_ids))
+    except BaseException:
+        try:
+            store.set_status(run_id, "interrupted")
+        except Exception:  # noqa: BLE001 - never hide the original error
+            pass
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            for _, slots in pending:
+                for future in slots:
+                    future.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+    seconds = time.perf_counter() - start
+    store.finish_run(
+        run_id, n_images=len(ids), seconds=round(seconds, 4), n_processed=int(len(todo_ids)),
+        n_vectors_written=n_vectors, n_failures_written=n_failed,
+        images_per_second=round(len(todo_ids) / seconds, 3) if seconds > 0 else None,
+        batch_size=int(batch_size), workers=int(workers), prefetch=int(prefetch),
+        seconds_decode_wait=round(timings["decode_wait"], 4), seconds_model=round(timings["model"], 4),
+        seconds_write=round(timings["write"], 4),
+    )
+    return run_id
+
+
+def ensure_features(catalog: Any, *, store: FeatureStore | str | os.PathLike[str], model: Any,
+                    layer: str | None = None, pooling: str | None = None, weights: Any = "imagenet",
+                    **kwargs: Any) -> int:
+    """The run id of ``model``'s features for every image of ``catalog``, extracting only what is missing.
+
+    A no-op (apart from building the extractor, cached per process) when the run is complete.
+    Keyword arguments go to :func:`extract_features`.
+    """
+    return extract_features(catalog, model=model, layer=layer, pooling=pooling, weights=weights, store=store,
+                            **kwargs)
+
+
+def load_run_features(store: FeatureStore | str | os.PathLike[str], run_id: int, catalog: Any
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids[N], X[N, D] float32)``: the run's vectors for the catalogue's images, in catalogue order.
+
+    Images without a vector (failures, not extracted) are left out.
+    """
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    ids = catalog_frame(catalog)["image_id"].astype(str).to_numpy()
+    done = np.array(sorted(store.done_ids(run_id)), dtype=str)
+    return store.features(run_id, ids[np.isin(ids, done)])
+
+
+def extraction_failures(store: FeatureStore | str | os.PathLike[str], run_id: int, *,
+                        root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """The images a run could not use: ``image_id, path, reason, detail`` in catalogue order, ``path``
+    relative to ``root`` (e.g. ``catalog.root``) when given, so the table does not depend on the machine."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    table = store.failures(run_id)
+    if root is not None and len(table):
+        base = os.path.abspath(root)
+        table["path"] = [p if p is None or pd.isna(p) else os.path.relpath(os.path.abspath(p), base)
+                         for p in table["path"]]
+    return table
+
+
+def export_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
+                    out_npz: str | os.PathLike[str]) -> Path:
+    """Write a run to ``out_npz`` (``.npz`` added when missing): arrays ``ids`` (unicode), ``features``
+    (float32[N, D]) and ``run`` (the run's metadata as a JSON string); loadable with ``allow_pickle=False``.
+    Returns the path written."""
+    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    info = store.run(run_id)
+    ids, X = store.features(run_id)
+    out = Path(out_npz)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: info[k] for k in ("run_id", "name", "model", "layer", "pooling", "weights", "weights_sha1",
+                                 "variant", "input_size", "dim", "status", "params", "versions", "created")}
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, ids=ids.astype(str), features=X.astype(np.float32, copy=False),
+                 run=np.array(json.dumps(meta, sort_keys=True)))
+    os.replace(tmp, out)
+    return out

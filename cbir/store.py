@@ -1,0 +1,752 @@
+"""The SQLite feature store: catalogue, extraction runs, feature vectors, failures, neighbours, results.
+
+One file holds everything a workspace computed, so each stage reads what the previous one wrote and a
+notebook can be rerun alone. The file is in WAL mode with a busy timeout, every write is one explicit
+``BEGIN IMMEDIATE`` transaction and every query is parameterised, so several processes (for example two
+extractions of different models) can write into the same store at the same time.
+
+Layout (schema version in ``PRAGMA user_version``, upgraded by :func:`migrate`):
+
+- ``images``: one row per catalogue image (``image_id`` primary key, ``path``, ``category``,
+  ``subcategory``, ``split``, ``is_fashion``, ``product_id``, ``dup_group`` and ``extra``, a JSON object
+  holding every other catalogue column). Row order = catalogue order.
+- ``runs``: one row per extraction identity (model, layer, pooling, weights, variant, ...). The identity is
+  stored as canonical JSON (sorted keys), so the same identity always maps to the same run and an
+  interrupted extraction resumes.
+- ``features``: ``(run_id, image_id) -> vector``, a float32 little-endian BLOB.
+- ``failures``: ``(run_id, image_id) -> reason, detail`` for images that could not be read.
+- ``neighbour_sets`` / ``neighbours``: k-NN results per (run, metric, tag).
+- ``results``: named DataFrames (optionally per run) serialised as JSON with their dtypes.
+
+This module imports nothing of cbir.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["FeatureStore", "StoreError", "SCHEMA_VERSION", "migrate", "canonical_json"]
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 60_000
+_WRITE_RETRIES = 20
+_VECTOR_DTYPE = np.dtype("<f4")
+
+#: Standard catalogue columns kept as table columns; every other column goes into ``extra`` (JSON).
+IMAGE_COLUMNS = ("path", "category", "subcategory", "split", "is_fashion", "product_id", "dup_group")
+
+#: Run columns copied out of the identity (the full identity stays in ``params``).
+_RUN_IDENTITY_COLUMNS = ("model", "layer", "pooling", "weights", "weights_sha1", "variant", "input_size", "dim")
+
+
+class StoreError(RuntimeError):
+    """The store file is unusable (not SQLite, newer schema, ...) or a request does not fit its content."""
+
+
+# --------------------------------------------------------------------------------------------- JSON helpers
+def _jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars/arrays, paths, timestamps; missing values become null."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, (pd.Timestamp, datetime, date)):
+        return value.isoformat()
+    if isinstance(value, pd.Timedelta):
+        return str(value)
+    raise TypeError(f"cannot store a value of type {type(value).__name__} as JSON: {value!r}")
+
+
+def _normalise(value: Any) -> Any:
+    """Plain JSON types (dict keys as str, tuples as lists, NaN as null), recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return _normalise(_jsonable(value))
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON of ``value`` (sorted keys, no spaces, tuples as lists): equal identities, equal text."""
+    return json.dumps(_normalise(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_jsonable, ensure_ascii=False)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _index_to_json(index: pd.Index) -> dict[str, Any] | None:
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1 and index.name is None:
+        return None  # the default index: rebuilt from the row count
+    values = [list(v) for v in index] if isinstance(index, pd.MultiIndex) else list(index)
+    return {"values": values, "names": list(index.names), "multi": isinstance(index, pd.MultiIndex),
+            "dtype": None if isinstance(index, pd.MultiIndex) else str(index.dtype)}
+
+
+def _index_from_json(payload: dict[str, Any] | None, n: int) -> pd.Index:
+    if payload is None:
+        return pd.RangeIndex(n)
+    if payload["multi"]:
+        return pd.MultiIndex.from_tuples([tuple(v) for v in payload["values"]], names=payload["names"])
+    index = pd.Index(payload["values"], name=payload["names"][0])
+    try:
+        return index.astype(payload["dtype"])
+    except (TypeError, ValueError):
+        return index
+
+
+def frame_to_json(df: pd.DataFrame) -> str:
+    """Serialise a DataFrame losslessly enough for result tables: values, index, columns and dtypes.
+
+    Floats keep full precision (Python ``repr``), missing values become null, timestamps ISO strings.
+    """
+    split = df.to_dict(orient="split", index=False)
+    payload = {
+        "columns": _index_to_json(df.columns) or {"values": list(df.columns), "names": [None], "multi": False,
+                                                  "dtype": str(df.columns.dtype)},
+        "index": _index_to_json(df.index),
+        "dtypes": [str(t) for t in df.dtypes],
+        "data": split["data"],
+    }
+    return _dumps(payload)
+
+
+def frame_from_json(text: str) -> pd.DataFrame:
+    """Inverse of :func:`frame_to_json`."""
+    payload = json.loads(text)
+    data = payload["data"]
+    columns = _index_from_json(payload["columns"], len(payload["dtypes"]))
+    frame = pd.DataFrame(data if data else None, columns=range(len(columns)))
+    if not data:
+        frame = pd.DataFrame({i: pd.Series([], dtype=object) for i in range(len(columns))})
+    for i, dtype in enumerate(payload["dtypes"]):
+        try:
+            frame[i] = frame[i].astype(dtype)
+        except (TypeError, ValueError):
+            pass  # keep the decoded Python objects
+    frame.columns = columns
+    frame.index = _index_from_json(payload["index"], len(frame))
+    return frame
+
+
+# --------------------------------------------------------------------------------------------- schema
+def _schema_v1(con: sqlite3.Connection) -> None:
+    _execute_script(con, """
+        CREATE TABLE images (
+            image_id    TEXT PRIMARY KEY NOT NULL,
+            path        TEXT,
+            category    TEXT,
+            subcategory TEXT,
+            split       TEXT,
+            is_fashion  INTEGER,
+            product_id  TEXT,
+            dup_group   TEXT,
+            extra       TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TABLE runs (
+            run_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+            identity_key TEXT NOT NULL UNIQUE,
+            name         TEXT,
+            model        TEXT,
+            layer        TEXT,
+            pooling      TEXT,
+            weights      TEXT,
+            weights_sha1 TEXT,
+            variant      TEXT,
+            input_size   INTEGER,
+            dim          INTEGER,
+            params       TEXT NOT NULL,
+            versions     TEXT NOT NULL DEFAULT '{}',
+            stats        TEXT NOT NULL DEFAULT '{}',
+            status       TEXT NOT NULL DEFAULT 'running',
+            n_images     INTEGER,
+            created      TEXT NOT NULL,
+            finished     TEXT
+        );
+        CREATE TABLE features (
+            run_id   INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+            image_id TEXT NOT NULL,
+            vector   BLOB NOT NULL,
+            PRIMARY KEY (run_id, image_id)
+        );
+        CREATE TABLE failures (
+            run_id   INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+            image_id TEXT NOT NULL,
+            reason   TEXT NOT NULL,
+            detail   TEXT,
+            PRIMARY KEY (run_id, image_id)
+        );
+        CREATE TABLE neighbour_sets (
+            run_id  INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+            metric  TEXT NOT NULL,
+            tag     TEXT NOT NULL DEFAULT '',
+            params  TEXT NOT NULL DEFAULT '{}',
+            created TEXT NOT NULL,
+            PRIMARY KEY (run_id, metric, tag)
+        );
+        CREATE TABLE neighbours (
+            run_id       INTEGER NOT NULL,
+            metric       TEXT NOT NULL,
+            tag          TEXT NOT NULL DEFAULT '',
+            query_id     TEXT NOT NULL,
+            "rank"       INTEGER NOT NULL,
+            neighbour_id TEXT NOT NULL,
+            distance     REAL,
+            similarity   REAL,
+            PRIMARY KEY (run_id, metric, tag, query_id, "rank"),
+            FOREIGN KEY (run_id, metric, tag) REFERENCES neighbour_sets(run_id, metric, tag) ON DELETE CASCADE
+        );
+        CREATE TABLE results (
+            result_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name      TEXT NOT NULL,
+            run_id    INTEGER REFERENCES runs(run_id) ON DELETE CASCADE,
+            created   TEXT NOT NULL,
+            data      TEXT NOT NULL
+        );
+        CREATE UNIQUE INDEX results_name_run ON results(name, ifnull(run_id, -1));
+        """)
+
+
+def _execute_script(con: sqlite3.Connection, script: str) -> None:
+    """Run ``;``-separated DDL statements inside the caller's transaction (``executescript`` would commit)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            con.execute(statement)
+
+
+#: ``version -> function`` bringing a store from ``version - 1`` to ``version`` (run inside one transaction).
+MIGRATIONS = {1: _schema_v1}
+
+
+def migrate(con: sqlite3.Connection, *, path: str = "<store>") -> int:
+    """Bring the schema of an open connection up to :data:`SCHEMA_VERSION`; returns the version.
+
+    Each step runs in its own ``BEGIN IMMEDIATE`` transaction together with the ``user_version`` bump,
+    so concurrent openers never apply a step twice.
+    """
+    while True:
+        _begin_immediate(con)
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{path}: schema version {version} is newer than this cbir "
+                                 f"(knows up to {SCHEMA_VERSION}); upgrade cbir to read it")
+            if version == SCHEMA_VERSION:
+                con.execute("COMMIT")
+                return version
+            MIGRATIONS[version + 1](con)
+            con.execute(f"PRAGMA user_version = {int(version) + 1}")
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _begin_immediate(con: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE`` with retries on top of the busy timeout (WAL writers queue here)."""
+    for attempt in range(_WRITE_RETRIES):
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or attempt == _WRITE_RETRIES - 1:
+                raise
+            time.sleep(min(0.05 * 2**attempt, 2.0))
+
+
+# --------------------------------------------------------------------------------------------- the store
+class FeatureStore:
+    """A SQLite feature store at ``path`` (created with its parent folders when missing).
+
+    Safe to share between threads of one process (a lock serialises calls) and between processes
+    (WAL, busy timeout, immediate transactions). Picklable: a copy re-opens the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._lock = threading.RLock()
+        self._con: sqlite3.Connection | None = None
+        self._pid: int | None = None
+        self._connect()
+
+    # -- connection -------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        if self._con is not None and self._pid == os.getpid():
+            return self._con
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a folder, expected a SQLite file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                              check_same_thread=False)
+        try:
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if con.execute("PRAGMA page_count").fetchone()[0] == 0:
+                con.execute("PRAGMA page_size = 16384")  # feature vectors are kilobytes; fewer overflow pages
+            mode = self._retry(lambda: con.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: could not switch to WAL mode (got {mode!r})")
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.execute("PRAGMA foreign_keys = ON")
+            migrate(con, path=str(self.path))
+        except sqlite3.DatabaseError as exc:
+            con.close()
+            raise StoreError(f"{self.path}: not a usable SQLite feature store ({exc})") from exc
+        except BaseException:
+            con.close()
+            raise
+        self._con, self._pid = con, os.getpid()
+        return con
+
+    @staticmethod
+    def _retry(fn):  # noqa: ANN001, ANN205 - tiny internal helper
+        for attempt in range(_WRITE_RETRIES):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == _WRITE_RETRIES - 1:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error)."""
+        with self._lock:
+            con = self._connect()
+            _begin_immediate(con)
+            try:
+                yield con
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._connect().execute(sql, params).fetchall()
+
+    def _frame(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        with self._lock:
+            cur = self._connect().execute(sql, params)
+            rows = cur.fetchall()
+            columns = [d[0] for d in cur.description]
+        return pd.DataFrame.from_records(rows, columns=columns)
+
+    def close(self) -> None:
+        """Close the connection (the store re-opens on the next call)."""
+        with self._lock:
+            if self._con is not None and self._pid == os.getpid():
+                self._con.close()
+            self._con = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r})"
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._read("PRAGMA user_version")[0][0])
+
+    # -- catalogue --------------------------------------------------------------------------
+    def put_catalog(self, df: pd.DataFrame) -> int:
+        """Upsert catalogue rows (needs ``image_id``); returns the number of rows written.
+
+        Standard columns present in ``df`` (:data:`IMAGE_COLUMNS`) overwrite the stored values; absent ones
+        are left alone. Every other column is merged into the row's ``extra`` JSON object. New images are
+        appended, so the stored order is the order in which images were first put.
+        """
+        if "image_id" not in df.columns:
+            raise ValueError(f"{self.path}: put_catalog needs an 'image_id' column, got {list(df.columns)}")
+        ids = df["image_id"].astype(str)
+        if ids.duplicated().any():
+            dup = ids[ids.duplicated()].iloc[:5].tolist()
+            raise ValueError(f"{self.path}: put_catalog got duplicate image_id values, e.g. {dup}")
+        std = [c for c in IMAGE_COLUMNS if c in df.columns]
+        extra_cols = [c for c in df.columns if c != "image_id" and c not in IMAGE_COLUMNS]
+        columns: list[list[Any]] = [ids.tolist()]
+        for col in std:
+            columns.append(_bool_column(df[col]) if col == "is_fashion" else _text_column(df[col]))
+        names = ["image_id", *std]
+        if extra_cols:
+            records = df[extra_cols].astype(object).where(df[extra_cols].notna(), None).to_dict(orient="records")
+            columns.append([_dumps({str(k): v for k, v in r.items()}) for r in records])
+            names.append("extra")
+        updates = [f"{c} = excluded.{c}" for c in std]
+        if extra_cols:
+            updates.append("extra = json_patch(images.extra, excluded.extra)")
+        conflict = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
+        sql = (f"INSERT INTO images ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+               f"ON CONFLICT(image_id) {conflict}")
+        with self._write() as con:
+            con.executemany(sql, zip(*columns))
+        return len(ids)
+
+    def catalog(self) -> pd.DataFrame:
+        """The stored catalogue in catalogue order: standard columns, then the ``extra`` columns."""
+        frame = self._frame(f"SELECT image_id, {', '.join(IMAGE_COLUMNS)}, extra FROM images ORDER BY rowid")
+        extra = pd.DataFrame.from_records([json.loads(e) for e in frame.pop("extra")], index=frame.index)
+        frame["is_fashion"] = frame["is_fashion"].map({1: True, 0: False, None: pd.NA}).astype("boolean")
+        if frame["is_fashion"].notna().all():
+            frame["is_fashion"] = frame["is_fashion"].astype(bool)
+        return pd.concat([frame, extra], axis=1) if len(extra.columns) else frame
+
+    # -- runs -------------------------------------------------------------------------------
+    def start_run(self, identity: Mapping[str, Any], *, name: str | None = None,
+                  versions: Mapping[str, Any] | None = None) -> int:
+        """The run id for ``identity`` (canonical JSON, sorted keys): the existing run if any, else a new one.
+
+        An existing run keeps its id, features, creation time and versions (so extraction resumes); a given
+        ``name`` replaces the stored one.
+        """
+        key = canonical_json(identity)
+        params = json.loads(key)
+        cols = {c: params.get(c) for c in _RUN_IDENTITY_COLUMNS}
+        if cols["model"] is None:
+            cols["model"] = params.get("name")
+        for c in ("layer", "pooling", "weights", "weights_sha1", "variant", "model"):
+            if cols[c] is not None and not isinstance(cols[c], str):
+                cols[c] = canonical_json(cols[c])
+        with self._write() as con:
+            row = con.execute("SELECT run_id FROM runs WHERE identity_key = ?", (key,)).fetchone()
+            if row is not None:
+                if name is not None:
+                    con.execute("UPDATE runs SET name = ? WHERE run_id = ?", (name, row[0]))
+                return int(row[0])
+            cur = con.execute(
+                "INSERT INTO runs (identity_key, name, model, layer, pooling, weights, weights_sha1, variant,"
+                " input_size, dim, params, versions, created, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running')",
+                (key, name, *(cols[c] for c in _RUN_IDENTITY_COLUMNS), key, _dumps(dict(versions or {})), _now()),
+            )
+            return int(cur.lastrowid)
+
+    def set_status(self, run_id: int, status: str) -> None:
+        """Set a run's status (``running``, ``complete``, ``failed``, ...)."""
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.execute("UPDATE runs SET status = ? WHERE run_id = ?", (status, int(run_id)))
+
+    def finish_run(self, run_id: int, *, status: str = "complete", n_images: int | None = None,
+                   **stats: Any) -> None:
+        """Mark a run finished now with ``status``; ``stats`` (timings, counts) are merged into its stats JSON."""
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.execute(
+                "UPDATE runs SET status = ?, finished = ?, n_images = coalesce(?, n_images),"
+                " stats = json_patch(stats, ?) WHERE run_id = ?",
+                (status, _now(), n_images, _dumps(stats), int(run_id)),
+            )
+
+    def delete_run(self, run_id: int) -> None:
+        """Delete a run with its features, failures, neighbours and results."""
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.execute("DELETE FROM runs WHERE run_id = ?", (int(run_id),))
+
+    def _require_run(self, con: sqlite3.Connection, run_id: int) -> sqlite3.Row | tuple:
+        row = con.execute("SELECT run_id, dim FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
+        if row is None:
+            raise KeyError(f"{self.path}: no run with id {run_id}")
+        return row
+
+    _RUNS_SQL = (
+        "SELECT r.run_id, r.name, r.model, r.layer, r.pooling, r.weights, r.weights_sha1, r.variant,"
+        " r.input_size, r.dim, r.status,"
+        " (SELECT count(*) FROM features f WHERE f.run_id = r.run_id) AS n_features,"
+        " (SELECT count(*) FROM failures x WHERE x.run_id = r.run_id) AS n_failures,"
+        " r.n_images, r.created, r.finished, r.params, r.versions, r.stats FROM runs r"
+    )
+
+    def runs(self) -> pd.DataFrame:
+        """All runs, oldest first: ``run_id, name, model, layer, pooling, weights, weights_sha1, variant,
+        input_size, dim, status, n_features, n_failures, n_images, created, finished, params, versions, stats``
+        (the last three as dicts)."""
+        frame = self._frame(self._RUNS_SQL + " ORDER BY r.run_id")
+        for col in ("params", "versions", "stats"):
+            frame[col] = [json.loads(v) for v in frame[col]]
+        return frame
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        """One run as a dict (the columns of :meth:`runs`, with ``n_features`` and ``n_failures``)."""
+        frame = self._frame(self._RUNS_SQL + " WHERE r.run_id = ?", (int(run_id),))
+        if frame.empty:
+            raise KeyError(f"{self.path}: no run with id {run_id}")
+        row = {k: (None if _is_missing(v) else v) for k, v in frame.iloc[0].to_dict().items()}
+        for col in ("params", "versions", "stats"):
+            row[col] = json.loads(row[col])
+        for col in ("run_id", "input_size", "dim", "n_features", "n_failures", "n_images"):
+            if row[col] is not None:
+                row[col] = int(row[col])
+        return row
+
+    def find_run(self, **identity: Any) -> int | None:
+        """The latest run whose identity has all the given key/values (``None`` if none).
+
+        Keys are identity keys (``model``, ``layer``, ``pooling``, ``weights``, ``variant``, ...); ``name`` and
+        ``status`` also match the run's name and status. Values compare after canonical JSON.
+        """
+        wanted = json.loads(canonical_json(identity))
+        rows = self._read("SELECT run_id, params, name, status FROM runs ORDER BY run_id DESC")
+        for run_id, params, name, status in rows:
+            have = json.loads(params)
+            columns = {"name": name, "status": status}
+            if all((have[k] if k in have else columns.get(k, _MISSING)) == v for k, v in wanted.items()):
+                return int(run_id)
+        return None
+
+    # -- features ---------------------------------------------------------------------------
+    def done_ids(self, run_id: int) -> set[str]:
+        """Image ids that already have a feature vector in ``run_id``."""
+        return {r[0] for r in self._read("SELECT image_id FROM features WHERE run_id = ?", (int(run_id),))}
+
+    def failed_ids(self, run_id: int) -> set[str]:
+        """Image ids recorded as failures in ``run_id``."""
+        return {r[0] for r in self._read("SELECT image_id FROM failures WHERE run_id = ?", (int(run_id),))}
+
+    def put_features(self, run_id: int, ids: Sequence[str] | np.ndarray, X: np.ndarray, *,
+                     failures: Iterable[Sequence[str]] = ()) -> int:
+        """Write ``X[N, D]`` (stored as float32) for ``ids[N]`` (and ``failures``) in ONE transaction.
+
+        INSERT OR REPLACE, so re-writing a vector is harmless. The first write fixes the run's ``dim``; later
+        writes must match it. Returns N.
+        """
+        ids = [str(i) for i in ids]
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[0] != len(ids):
+            raise ValueError(f"{self.path}: put_features needs X of shape (len(ids)={len(ids)}, D), got {X.shape}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{self.path}: put_features got duplicate image ids")
+        X = np.ascontiguousarray(X, dtype=_VECTOR_DTYPE)
+        fails = [_failure_row(f) for f in failures]
+        with self._write() as con:
+            _, dim = self._require_run(con, run_id)
+            if len(ids):
+                if dim is None:
+                    con.execute("UPDATE runs SET dim = ? WHERE run_id = ?", (X.shape[1], int(run_id)))
+                elif dim != X.shape[1]:
+                    raise ValueError(f"{self.path}: run {run_id} stores {dim}-d vectors, got {X.shape[1]}-d")
+                con.executemany("INSERT OR REPLACE INTO features (run_id, image_id, vector) VALUES (?, ?, ?)",
+                                zip([int(run_id)] * len(ids), ids, [row.tobytes() for row in X]))
+            if fails:
+                con.executemany("INSERT OR REPLACE INTO failures (run_id, image_id, reason, detail)"
+                                " VALUES (?, ?, ?, ?)", [(int(run_id), *f) for f in fails])
+        return len(ids)
+
+    def put_failures(self, run_id: int, failures: Iterable[Sequence[str]]) -> int:
+        """Record ``(image_id, reason[, detail])`` failures for ``run_id`` in one transaction; returns the count."""
+        fails = [_failure_row(f) for f in failures]
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.executemany("INSERT OR REPLACE INTO failures (run_id, image_id, reason, detail)"
+                            " VALUES (?, ?, ?, ?)", [(int(run_id), *f) for f in fails])
+        return len(fails)
+
+    def failures(self, run_id: int) -> pd.DataFrame:
+        """``image_id, path, reason, detail`` of the images that failed in ``run_id``, in catalogue order."""
+        frame = self._frame(
+            "SELECT x.image_id, i.path, x.reason, x.detail FROM failures x"
+            " LEFT JOIN images i ON i.image_id = x.image_id WHERE x.run_id = ?"
+            " ORDER BY i.rowid IS NULL, i.rowid, x.rowid", (int(run_id),))
+        if frame.empty:
+            frame = pd.DataFrame({c: pd.Series([], dtype=str) for c in ("image_id", "path", "reason", "detail")})
+        return frame
+
+    def features(self, run_id: int, ids: Sequence[str] | np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids[N] str, X[N, D] float32)`` of a run in one query.
+
+        With ``ids`` the rows follow ``ids`` exactly (a ``KeyError`` names the ids without a vector);
+        without, every stored vector in catalogue order (vectors of images absent from the catalogue last).
+        """
+        with self._lock:
+            con = self._connect()
+            _, dim = self._require_run(con, run_id)
+            if ids is None:
+                # No ORDER BY: sorting the blobs in SQLite costs twice the read; order by catalogue row in numpy.
+                rows = con.execute(
+                    "SELECT f.image_id, f.vector, i.rowid FROM features f LEFT JOIN images i"
+                    " ON i.image_id = f.image_id WHERE f.run_id = ?", (int(run_id),)).fetchall()
+            else:
+                wanted = [str(i) for i in ids]
+                rows = con.execute(
+                    "SELECT f.image_id, f.vector, 0 FROM features f WHERE f.run_id = ?"
+                    " AND f.image_id IN (SELECT value FROM json_each(?))", (int(run_id), _dumps(wanted))).fetchall()
+        dim = int(dim or 0)
+        got_ids, blobs, pos = zip(*rows) if rows else ((), (), ())
+        if ids is None:
+            pos = np.array([-1 if p is None else p for p in pos], dtype=np.int64)
+            order = np.lexsort((pos, pos < 0))  # catalogue order; ids absent from the catalogue last
+        else:
+            order = pd.Index(got_ids, dtype=object).get_indexer(wanted)
+            if (order < 0).any():
+                missing = [w for w, o in zip(wanted, order) if o < 0]
+                raise KeyError(f"{self.path}: run {run_id} has no vector for {len(missing)} id(s),"
+                               f" e.g. {missing[:5]}")
+        buffer = bytearray().join([blobs[i] for i in order])  # one copy, writable
+        X = np.frombuffer(buffer, dtype=_VECTOR_DTYPE).reshape(len(order), dim).astype(np.float32, copy=False)
+        out_ids = np.array([got_ids[i] for i in order] if ids is None else wanted, dtype=str)
+        return out_ids, X
+
+    # -- neighbours -------------------------------------------------------------------------
+    def put_neighbours(self, run_id: int, metric: str, df: pd.DataFrame, *, tag: str = "",
+                       params: Mapping[str, Any] | None = None) -> int:
+        """Replace the (run, metric, tag) neighbour set with ``df`` (``query_id, rank, neighbour_id, distance``
+        and optional ``similarity``); returns the number of rows."""
+        required = ("query_id", "rank", "neighbour_id", "distance")
+        missing = [c for c in required if c not in df.columns]
+        if missing:
+            raise ValueError(f"{self.path}: put_neighbours needs columns {list(required)}; missing {missing}")
+        sim = df["similarity"] if "similarity" in df.columns else pd.Series(np.nan, index=df.index)
+        rows = zip([int(run_id)] * len(df), [metric] * len(df), [tag] * len(df),
+                   df["query_id"].astype(str).tolist(), df["rank"].astype(int).tolist(),
+                   df["neighbour_id"].astype(str).tolist(), _float_column(df["distance"]), _float_column(sim))
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.execute("DELETE FROM neighbour_sets WHERE run_id = ? AND metric = ? AND tag = ?",
+                        (int(run_id), metric, tag))
+            con.execute("INSERT INTO neighbour_sets (run_id, metric, tag, params, created) VALUES (?, ?, ?, ?, ?)",
+                        (int(run_id), metric, tag, _dumps(dict(params or {})), _now()))
+            con.executemany('INSERT INTO neighbours (run_id, metric, tag, query_id, "rank", neighbour_id, distance,'
+                            " similarity) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return len(df)
+
+    def neighbours(self, run_id: int, metric: str, *, tag: str = "") -> pd.DataFrame:
+        """The stored neighbour set (``query_id, rank, neighbour_id, distance, similarity``) in stored order."""
+        if not self._read("SELECT 1 FROM neighbour_sets WHERE run_id = ? AND metric = ? AND tag = ?",
+                          (int(run_id), metric, tag)):
+            raise KeyError(f"{self.path}: no neighbours for run {run_id}, metric {metric!r}, tag {tag!r}")
+        frame = self._frame('SELECT query_id, "rank", neighbour_id, distance, similarity FROM neighbours'
+                            " WHERE run_id = ? AND metric = ? AND tag = ? ORDER BY rowid", (int(run_id), metric, tag))
+        return frame.astype({"query_id": str, "rank": "int64", "neighbour_id": str,
+                             "distance": "float64", "similarity": "float64"})
+
+    def neighbour_sets(self) -> pd.DataFrame:
+        """One row per stored neighbour set: ``run_id, model, metric, tag, n_queries, k, n_rows, created, params``."""
+        frame = self._frame(
+            'SELECT s.run_id, r.model, s.metric, s.tag, count(DISTINCT n.query_id) AS n_queries,'
+            ' coalesce(max(n."rank"), 0) AS k, count(n.query_id) AS n_rows, s.created, s.params'
+            " FROM neighbour_sets s JOIN runs r ON r.run_id = s.run_id"
+            " LEFT JOIN neighbours n ON n.run_id = s.run_id AND n.metric = s.metric AND n.tag = s.tag"
+            " GROUP BY s.run_id, s.metric, s.tag ORDER BY s.run_id, s.metric, s.tag")
+        frame["params"] = [json.loads(p) for p in frame["params"]] if len(frame) else []
+        return frame
+
+    # -- result tables ----------------------------------------------------------------------
+    def put_table(self, name: str, df: pd.DataFrame, *, run_id: int | None = None) -> None:
+        """Store (replace) the DataFrame ``df`` under ``name`` (optionally attached to ``run_id``)."""
+        data = frame_to_json(df)
+        with self._write() as con:
+            if run_id is not None:
+                self._require_run(con, run_id)
+            rid = None if run_id is None else int(run_id)
+            con.execute("DELETE FROM results WHERE name = ? AND run_id IS ?", (name, rid))
+            con.execute("INSERT INTO results (name, run_id, created, data) VALUES (?, ?, ?, ?)",
+                        (name, rid, _now(), data))
+
+    def table(self, name: str, run_id: int | None = None) -> pd.DataFrame:
+        """The DataFrame stored under ``name`` (and ``run_id``); ``KeyError`` when absent."""
+        rows = self._read("SELECT data FROM results WHERE name = ? AND run_id IS ?",
+                          (name, None if run_id is None else int(run_id)))
+        if not rows:
+            raise KeyError(f"{self.path}: no table {name!r}" + ("" if run_id is None else f" for run {run_id}"))
+        return frame_from_json(rows[0][0])
+
+    def tables(self) -> pd.DataFrame:
+        """``name, run_id, created`` of every stored result table."""
+        frame = self._frame("SELECT name, run_id, created FROM results ORDER BY name, run_id")
+        frame["run_id"] = frame["run_id"].astype("Int64")
+        return frame
+
+
+# --------------------------------------------------------------------------------------------- helpers
+_MISSING = object()
+
+
+def _is_missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _failure_row(failure: Sequence[Any]) -> tuple[str, str, str | None]:
+    if isinstance(failure, str) or not 2 <= len(failure) <= 3:
+        raise ValueError(f"a failure is (image_id, reason[, detail]), got {failure!r}")
+    detail = failure[2] if len(failure) == 3 else None
+    return str(failure[0]), str(failure[1]), None if detail is None else str(detail)
+
+
+def _text_column(series: pd.Series) -> list[str | None]:
+    """Strings with missing values as None; integral floats (ids read with NaNs) without ``.0``."""
+    if pd.api.types.is_float_dtype(series):
+        values = [None if pd.isna(v) else (str(int(v)) if float(v).is_integer() else repr(float(v)))
+                  for v in series]
+        return values
+    return [None if _is_missing(v) else str(v) for v in series.astype(object)]
+
+
+def _bool_column(series: pd.Series) -> list[int | None]:
+    out: list[int | None] = []
+    for v in series.astype(object):
+        if _is_missing(v):
+            out.append(None)
+        elif isinstance(v, str):
+            low = v.strip().lower()
+            if low not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(f"is_fashion must be boolean, got {v!r}")
+            out.append(int(low in {"true", "1", "yes"}))
+        else:
+            out.append(int(bool(v)))
+    return out
+
+
+def _float_column(series: pd.Series) -> list[float | None]:
+    values = pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
+    return [None if math.isnan(v) else float(v) for v in values]
