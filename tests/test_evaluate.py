@@ -1,0 +1,286 @@
+"""cbir.evaluate on hand-built cases (expected values worked out by hand in the comments), AP@k against
+scikit-learn, bootstrap / paired-test behaviour and the cross-validation protocol."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir import evaluate as ev
+from cbir.search import knn, search
+
+
+@pytest.fixture()
+def labels():
+    return pd.DataFrame({
+        "image_id": ["q1", "q2", "n1", "n2", "n3", "n4", "n5"],
+        "category": ["A", "B", "A", "A", "B", "B", "A"],
+        "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2", "a1"],
+    })
+
+
+@pytest.fixture()
+def neighbours():
+    """Two measures, two queries, k = 3.
+
+    cosine:    q1 -> n1 (A a1), n2 (A a2), n3 (B b1);  q2 -> n1 (A a1), n4 (B b2), n2 (A a2)
+    euclidean: q1 -> n5 (A a1), n1 (A a1), n2 (A a2);  q2 -> n3 (B b1), n4 (B b2), n5 (A a1)
+    """
+    rows = []
+    for metric, lists in (("cosine", {"q1": ["n1", "n2", "n3"], "q2": ["n1", "n4", "n2"]}),
+                          ("euclidean", {"q1": ["n5", "n1", "n2"], "q2": ["n3", "n4", "n5"]})):
+        for q, nbrs in lists.items():
+            for r, n in enumerate(nbrs, start=1):
+                rows.append({"model": "toy", "layer": None, "pooling": "gap", "metric": metric,
+                             "query_id": q, "rank": r, "neighbour_id": n, "distance": r / 10 + (q == "q2") / 100})
+    return pd.DataFrame(rows)
+
+
+def test_per_query_scores(neighbours, labels):
+    pq = ev.per_query(neighbours, labels).set_index(["metric", "query_id"])
+    # cosine q1: category 2/3 (n1, n2), sub-category 1/3 (n1); q2: category 1/3 (n4), sub-category 0
+    assert pq.loc[("cosine", "q1"), "category_match"] == pytest.approx(2 / 3)
+    assert pq.loc[("cosine", "q1"), "subcategory_match"] == pytest.approx(1 / 3)
+    assert pq.loc[("cosine", "q2"), "category_match"] == pytest.approx(1 / 3)
+    assert pq.loc[("cosine", "q2"), "subcategory_match"] == 0
+    assert pq.loc[("cosine", "q2"), "category_hit"] == 1 and pq.loc[("cosine", "q2"), "subcategory_hit"] == 0
+    assert pq.loc[("euclidean", "q1"), "category_match"] == 1
+
+
+def test_match_table_by_hand(neighbours, labels):
+    table = ev.match_table(neighbours, labels, n_boot=500, hits=True)
+    assert list(table.columns[:12]) == ev.MATCH_COLUMNS
+    cos = table.set_index("metric").loc["cosine"]
+    assert cos["k"] == 3 and cos["n_queries"] == 2
+    assert cos["category_match"] == pytest.approx(0.5)          # (2/3 + 1/3) / 2
+    assert cos["subcategory_match"] == pytest.approx(1 / 6)     # (1/3 + 0) / 2
+    assert cos["category_hit"] == 1 and cos["subcategory_hit"] == pytest.approx(0.5)
+    # two queries: the bootstrap means can only be the two per-query values or their mean
+    assert cos["category_match_lo"] == pytest.approx(1 / 3) and cos["category_match_hi"] == pytest.approx(2 / 3)
+    eu = table.set_index("metric").loc["euclidean"]
+    assert eu["category_match"] == pytest.approx(5 / 6)          # (1 + 2/3) / 2
+    assert eu["subcategory_match"] == pytest.approx(0.5)         # (2/3 + 1/3) / 2
+    top2 = ev.match_table(neighbours, labels, k=2, n_boot=100).set_index("metric")
+    assert top2.loc["cosine", "k"] == 2 and top2.loc["cosine", "category_match"] == pytest.approx(0.75)  # (1 + 1/2)/2
+    assert list(ev.match_table(neighbours, labels, n_boot=10).columns) == ev.MATCH_COLUMNS
+
+
+def test_match_by_rank_by_hand(neighbours, labels):
+    t = ev.match_by_rank(neighbours, labels)
+    cos = t[t["metric"] == "cosine"].set_index("rank")
+    # rank 1: n1 for both: correct for q1 only; rank 2: n2 (A) for q1, n4 (B) for q2: category right, sub wrong
+    assert cos["n_cases"].tolist() == [2, 2, 2]
+    assert cos["category_correct"].tolist() == [1, 2, 0]
+    assert cos["category_match"].tolist() == [0.5, 1.0, 0.0]
+    assert cos["subcategory_correct"].tolist() == [1, 0, 0]
+    assert cos["mean_distance"].tolist() == pytest.approx([0.105, 0.205, 0.305])
+
+
+def test_match_by_subcategory_and_confusion(neighbours, labels):
+    t = ev.match_by_subcategory(neighbours, labels)
+    cos = t[t["metric"] == "cosine"].set_index("subcategory")
+    assert cos.loc["a1", "category_match"] == pytest.approx(2 / 3) and cos.loc["a1", "n_queries"] == 1
+    assert cos.loc["b1", "subcategory_match"] == 0
+    with pytest.raises(ValueError, match="one .* tuple, got 2"):
+        ev.confusion(neighbours, labels)
+    c = ev.confusion(ev.select(neighbours, metric="cosine"), labels)
+    assert list(c.index) == list(c.columns) == ["a1", "a2", "b1", "b2"]
+    np.testing.assert_allclose(c.loc["a1"], [1 / 3, 1 / 3, 1 / 3, 0])   # n1, n2, n3
+    np.testing.assert_allclose(c.loc["b1"], [1 / 3, 1 / 3, 0, 1 / 3])   # n1, n2, n4
+    np.testing.assert_allclose(c.loc["b2"], 0)                           # not a query
+    counts = ev.confusion(ev.select(neighbours, metric="cosine"), labels, level="category", normalize=False)
+    assert counts.loc["A", "A"] == 2 and counts.loc["B", "A"] == 2 and counts.loc["B", "B"] == 1
+
+
+def test_precision_recall_and_map_by_hand(neighbours, labels):
+    cos = ev.select(neighbours, metric="cosine")
+    pr = ev.precision_recall(cos, labels, level="category")
+    # relevant searchable (all labelled images but the query itself): q1 (A): n1 n2 n5 -> 3; q2 (B): n3 n4 -> 2
+    # q1 rel [1 1 0]: P 1, 1, 2/3; R 1/3, 2/3, 2/3.  q2 rel [0 1 0]: P 0, 1/2, 1/3; R 0, 1/2, 1/2
+    np.testing.assert_allclose(pr["precision"], [0.5, 0.75, 0.5])
+    np.testing.assert_allclose(pr["recall"], [1 / 6, 7 / 12, 7 / 12])
+    m = ev.map_at_k(cos, labels, k=[2, 3], level="category").set_index("k")["map"]
+    # AP@3: q1 (1 + 1) / min(3, 3) = 2/3; q2 (1/2) / min(2, 3) = 1/4.  AP@2: q1 2/2 = 1; q2 (1/2)/2 = 1/4
+    assert m.loc[3] == pytest.approx((2 / 3 + 1 / 4) / 2)
+    assert m.loc[2] == pytest.approx((1 + 1 / 4) / 2)
+    pk = ev.precision_at_k(cos, labels, k=2, level="subcategory")
+    assert pk["precision"].tolist() == pytest.approx([0.25])  # q1 1/2 (n1), q2 0
+    with pytest.raises(ValueError, match="lists stop at rank 3"):
+        ev.precision_at_k(cos, labels, k=5)
+    # a smaller searchable set changes R: n1..n4 searchable -> q1 R = 2 (n1, n2), q2 R = 2 (n3, n4)
+    pr2 = ev.precision_recall(cos, labels, level="category", searchable=["n1", "n2", "n3", "n4"])
+    assert pr2.loc[pr2["k"] == 2, "recall"].item() == pytest.approx((2 / 2 + 1 / 2) / 2)
+    with pytest.raises(ValueError, match="1 neighbour id.* not in the searchable set, e.g. \\['n4'\\]"):
+        ev.precision_recall(cos, labels, searchable=["n1", "n2", "n3"])
+
+
+def test_average_precision_matches_sklearn_on_full_ranking():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    n = 80
+    ids = np.array([f"i{j}" for j in range(n)])
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    sub = rng.choice(["x", "y", "z"], size=n)
+    labels = pd.DataFrame({"image_id": ids, "category": "all", "subcategory": sub})
+    queries = ids[:10]
+    nb = search(ids, X, queries, X[:10], metric="euclidean", k=n - 1)  # full ranking of the others
+    ours = ev.map_at_k(nb, labels, k=n - 1, level="subcategory")["map"].item()
+    D, I = knn(X, X[:10], "euclidean", k=n)
+    aps = []
+    for qi in range(10):
+        others = I[qi] != qi
+        y_true = sub[I[qi][others]] == sub[qi]
+        aps.append(average_precision_score(y_true, -D[qi][others]))
+    assert ours == pytest.approx(np.mean(aps), rel=1e-12)
+    # per query through the public helper
+    rel = (sub[I[:, 1:]] == sub[:10, None])
+    R = np.array([(sub == sub[q]).sum() - 1 for q in range(10)])
+    np.testing.assert_allclose(ev.average_precision_at_k(rel, R, n - 1), aps, rtol=1e-12)
+
+
+def test_average_precision_at_k_definition():
+    rel = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    # row 0: (1/1 + 2/3) / min(5, 3) = 5/9; row 1: 0 / min(2, 3) = 0; row 2: R = 0 -> NaN
+    got = ev.average_precision_at_k(rel, [5, 2, 0], 3)
+    np.testing.assert_allclose(got[:2], [5 / 9, 0.0])
+    assert np.isnan(got[2])
+
+
+def test_bootstrap_ci_contains_mean_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 6, 60) / 5
+    lo, hi = ev.bootstrap_ci(v, n_boot=2000, seed=0)
+    assert lo < v.mean() < hi
+    assert (lo, hi) == ev.bootstrap_ci(v, n_boot=2000, seed=0)
+    assert (lo, hi) != ev.bootstrap_ci(v, n_boot=2000, seed=1)
+    # about +- 1.96 standard errors
+    se = v.std(ddof=1) / np.sqrt(len(v))
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert ev.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4), abs=1e-15)
+    assert all(np.isnan(ev.bootstrap_ci([])))
+
+
+def test_paired_test_detects_a_real_difference_and_not_a_null_one():
+    rng = np.random.default_rng(1)
+    b = rng.integers(0, 6, 60) / 5
+    a = np.clip(b + rng.choice([0.0, 0.2, 0.4], size=60, p=[0.4, 0.4, 0.2]), 0, 1)
+    real = ev.paired_test(a, b)
+    assert real["mean_diff"] > 0.1 and real["diff_lo"] > 0
+    assert real["p_permutation"] < 0.001 and real["p_wilcoxon"] < 0.001
+    c = rng.integers(0, 6, 60) / 5
+    d = rng.integers(0, 6, 60) / 5
+    null = ev.paired_test(c, d)
+    assert null["p_permutation"] > 0.05 and null["p_wilcoxon"] > 0.05
+    assert null["diff_lo"] < 0 < null["diff_hi"]
+    assert ev.paired_test(c, d) == null  # seeded
+    same = ev.paired_test(c, c)
+    assert same["p_permutation"] == 1.0 and same["p_wilcoxon"] == 1.0
+
+
+def test_paired_test_exact_enumeration_by_hand():
+    # four differences of +1: of the 16 sign patterns only all-plus and all-minus reach |mean| = 1
+    assert ev.paired_test([1, 1, 1, 1], [0, 0, 0, 0])["p_permutation"] == pytest.approx(2 / 16)
+    # differences (1, -1, 2), observed |sum| = 2; the 8 sign patterns give sums
+    # 2, -2, 4, 0, 0, -4, 2, -2 -> |sum| >= 2 in 6 of 8
+    assert ev.paired_test([1, 0, 2], [0, 1, 0])["p_permutation"] == pytest.approx(6 / 8)
+
+
+def test_compare_and_paired_tests(neighbours, labels):
+    pq = ev.per_query(neighbours, labels)
+    res = ev.compare(pq, {"metric": "euclidean"}, {"metric": "cosine"})
+    assert res["n"] == 2 and res["mean_diff"] == pytest.approx(5 / 6 - 0.5)
+    table = ev.paired_tests(pq, baseline={"metric": "cosine"})
+    assert len(table) == 1 and table.loc[0, "a_metric"] == "euclidean" and table.loc[0, "b_metric"] == "cosine"
+    assert table.loc[0, "p_holm"] == table.loc[0, "p_permutation"]
+    np.testing.assert_allclose(ev._holm(np.array([0.01, 0.04, 0.03])), [0.03, 0.06, 0.06])
+
+
+# -------------------------------------------------------------------------------- cross-validation
+@pytest.fixture()
+def line12():
+    """Twelve images at x = 0..11: category A (i0-i5) / B (i6-i11), sub-categories by thirds of six."""
+    ids = np.array([f"i{j}" for j in range(12)])
+    X = np.stack([np.arange(12.0), np.zeros(12)], axis=1)
+    sub = ["A-low"] * 3 + ["A-high"] * 3 + ["B-low"] * 3 + ["B-high"] * 3
+    labels = pd.DataFrame({"image_id": ids, "category": [s[0] for s in sub], "subcategory": sub})
+    return ids, X, labels
+
+
+def test_cross_validate_protocol_by_hand(line12):
+    ids, X, labels = line12
+    folds = [np.array(["i4", "i5"]), np.array(["i0", "i9"]), np.array(["i2", "i7"])]
+    per_fold, summary = ev.cross_validate(ids, X, labels, folds, metrics=["euclidean", "manhattan"], k=1,
+                                          model="toy", pooling="gap")
+    eu = per_fold[per_fold["metric"] == "euclidean"].set_index("fold")
+    # fold 1: i4 -> i3 (i5 is in the fold, so not searchable): right; i5 -> i6 (B): wrong on both levels
+    # fold 2: i0 -> i1 right; i9 -> i8 (tie with i10, index order): category right, sub-category wrong
+    # fold 3: i2 -> i1 (tie with i3), i7 -> i6 (tie with i8): both right
+    assert eu["category_match"].tolist() == [0.5, 1.0, 1.0]
+    assert eu["subcategory_match"].tolist() == [0.5, 0.5, 1.0]
+    assert eu["n_queries"].tolist() == [2, 2, 2]
+    s = summary.set_index("metric").loc["euclidean"]
+    assert s["n_folds"] == 3 and s["model"] == "toy"
+    assert s["category_match_mean"] == pytest.approx(5 / 6)
+    assert s["category_match_std"] == pytest.approx(np.sqrt(1 / 12))       # sample std (ddof=1)
+    assert s["category_match_cv"] == pytest.approx(np.sqrt(1 / 12) / (5 / 6))
+    assert s["subcategory_match_mean"] == pytest.approx(2 / 3)
+    assert s["subcategory_match_cv"] == pytest.approx(np.sqrt(1 / 12) / (2 / 3))
+    assert list(summary.columns) == ["model", "layer", "pooling", "metric", "n_folds", "category_match_mean",
+                                     "category_match_std", "category_match_cv", "subcategory_match_mean",
+                                     "subcategory_match_std", "subcategory_match_cv"]
+
+
+def test_cross_validate_matches_a_brute_force_reference():
+    rng = np.random.default_rng(2)
+    n = 90
+    ids = np.array([f"i{j}" for j in range(n)])
+    sub = rng.choice(["s1", "s2", "s3", "s4"], size=n)
+    X = rng.standard_normal((n, 5)) + (np.searchsorted(["s1", "s2", "s3", "s4"], sub)[:, None] == np.arange(5))
+    labels = pd.DataFrame({"image_id": ids, "category": np.where(np.isin(sub, ["s1", "s2"]), "A", "B"),
+                           "subcategory": sub})
+    perm = rng.permutation(n)
+    folds = [ids[perm[f * 8:(f + 1) * 8]] for f in range(5)]
+    per_fold, _ = ev.cross_validate(ids, X, labels, folds, metrics=["cosine"], k=3)
+    from scipy.spatial.distance import cdist
+
+    for f, fold in enumerate(folds, start=1):
+        keep = ~np.isin(ids, fold)
+        full = cdist(X[np.isin(ids, fold)], X[keep], "cosine")
+        q_sub = sub[np.isin(ids, fold)]
+        top = np.argsort(full, axis=1, kind="stable")[:, :3]
+        want = (sub[keep][top] == q_sub[:, None]).mean()
+        got = per_fold.loc[per_fold["fold"] == f, "subcategory_match"].item()
+        assert got == pytest.approx(want)
+
+
+def test_cross_validate_rejects_bad_folds(line12):
+    ids, X, labels = line12
+    with pytest.raises(ValueError, match="not disjoint"):
+        ev.cross_validate(ids, X, labels, [np.array(["i1", "i2"]), np.array(["i2", "i3"])], metrics=["cosine"])
+    with pytest.raises(KeyError, match="fold ids without features"):
+        ev.cross_validate(ids, X, labels, [np.array(["i1", "zz"])], metrics=["cosine"])
+
+
+# ---------------------------------------------------------------------------------- store, files
+def test_neighbours_from_store_and_save_table(tmp_path, labels):
+    from cbir.search import run_search
+    from cbir.store import FeatureStore
+
+    store = FeatureStore(tmp_path / "s.sqlite")
+    store.put_catalog(labels.assign(path=[f"/p/{i}.jpg" for i in labels["image_id"]]))
+    rng = np.random.default_rng(0)
+    for model in ("m1", "m2"):
+        run_id = store.start_run({"model": model, "layer": None, "pooling": "gap"})
+        store.put_features(run_id, labels["image_id"], rng.standard_normal((7, 4)).astype(np.float32))
+        run_search(store, run_id, ["q1", "q2"], catalog_ids=["n1", "n2", "n3", "n4", "n5"],
+                   metrics=["cosine", "manhattan"], k=2)
+    nb = ev.neighbours_from_store(store)
+    assert len(nb) == 2 * 2 * 2 * 2
+    assert set(map(tuple, nb[["model", "metric"]].drop_duplicates().to_numpy())) == {
+        ("m1", "cosine"), ("m1", "manhattan"), ("m2", "cosine"), ("m2", "manhattan")}
+    table = ev.match_table(nb, store.catalog(), n_boot=50)
+    assert len(table) == 4 and set(table["pooling"]) == {"gap"} and table["layer"].isna().all()
+    path = ev.save_table(table, tmp_path / "out", "category_match")
+    back = pd.read_csv(path)
+    assert path.name == "category_match.csv" and list(back.columns) == ev.MATCH_COLUMNS and len(back) == 4
