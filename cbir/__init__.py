@@ -16,7 +16,9 @@ _EXPORTS = {
     "CatalogError": "cbir.catalog",
     "split_queries": "cbir.catalog",
     "cross_validation_folds": "cbir.catalog",
+    "check_catalog_report": "cbir.catalog",
     "make_demo_catalog": "cbir.datasets",
+    "resolve_catalog": "cbir.datasets",
     "read_image": "cbir.images",
     "ImageError": "cbir.images",
     "build_extractor": "cbir.backbones",
@@ -24,8 +26,16 @@ _EXPORTS = {
     "FeatureStore": "cbir.store",
     "extract_features": "cbir.extract",
     "export_features": "cbir.extract",
+    "ensure_features": "cbir.extract",
     "knn": "cbir.search",
+    "run_search": "cbir.search",
+    "similarity": "cbir.search",
+    "ApproximateIndex": "cbir.search",
     "METRICS": "cbir.search",
+    "find_roi": "cbir.roi",
+    "crop_catalog": "cbir.roi",
+    "load_params": "cbir.params",
+    "run_params": "cbir.run",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
