@@ -1,0 +1,187 @@
+"""cbir.summary on a hand-built store: two fake runs (one with result tables, one random-init run with only
+neighbours), summary tables, Table 15 picks and save_result. Expected values worked out by hand in comments."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir import summary as sm
+from cbir.store import FeatureStore
+
+LABELS = pd.DataFrame({
+    "image_id": ["q1", "q2", "n1", "n2", "n3", "n4"],
+    "category": ["A", "B", "A", "A", "B", "B"],
+    "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2"],
+    "split": ["query", "query", "catalog", "catalog", "catalog", "catalog"],
+    "is_fashion": True,
+})
+
+
+def _match_row(metric, cat, cat_lo, cat_hi, sub, sub_lo, sub_hi):
+    return {"model": "m1", "layer": "l1", "pooling": "gap", "metric": metric, "k": 5, "n_queries": 60,
+            "category_match": cat, "category_match_lo": cat_lo, "category_match_hi": cat_hi,
+            "subcategory_match": sub, "subcategory_match_lo": sub_lo, "subcategory_match_hi": sub_hi}
+
+
+def _neighbours(lists):
+    return pd.DataFrame([{"query_id": q, "rank": r, "neighbour_id": n, "distance": r / 10}
+                         for q, nbrs in lists.items() for r, n in enumerate(nbrs, start=1)])
+
+
+def _colour_row(model, layer, metric, corr, chi2):
+    return {"model": model, "layer": layer, "pooling": "gap", "metric": metric, "n_pairs": 10,
+            "color_corr_mean": corr, "color_corr_min": corr - 0.2, "color_corr_max": corr + 0.1,
+            "lbp_chi2_mean": chi2, "lbp_chi2_min": chi2 / 2, "lbp_chi2_max": chi2 * 2}
+
+
+@pytest.fixture()
+def store(tmp_path):
+    """Run 1 (m1, imagenet): category_match, cross_validation (with a run_id column) and color_texture tables;
+    its colour table also holds a row of m2 (notebook 05 analyses every stored set), which belongs to run 2.
+    Run 2 (m2, random init): neighbours only, k = 2:
+
+        cosine:    q1 -> n1 (A a1), n2 (A a2)   category 1,   sub-category 1/2
+                   q2 -> n3 (B b1), n4 (B b2)   category 1,   sub-category 1/2
+        euclidean: q1 -> n2 (A a2), n3 (B b1)   category 1/2, sub-category 0
+                   q2 -> n3 (B b1), n1 (A a1)   category 1/2, sub-category 1/2
+    """
+    st = FeatureStore(tmp_path / "store.sqlite")
+    st.put_catalog(LABELS)
+    r1 = st.start_run({"model": "m1", "layer": "l1", "pooling": "gap", "weights": "imagenet", "variant": "original"})
+    r2 = st.start_run({"model": "m2", "layer": "l2", "pooling": "gap", "weights": "none (random init)",
+                       "variant": "original"})
+    assert (r1, r2) == (1, 2)
+    st.put_table("category_match", pd.DataFrame([_match_row("euclidean", 0.85, 0.75, 0.95, 0.55, 0.45, 0.65),
+                                                  _match_row("cosine", 0.80, 0.70, 0.90, 0.60, 0.50, 0.70)]),
+                 run_id=r1)
+    st.put_table("cross_validation", pd.DataFrame({
+        "run_id": [r1, r1], "model": "m1", "layer": "l1", "pooling": "gap", "metric": ["euclidean", "cosine"],
+        "n_folds": 10, "category_match_mean": [0.8, 0.9], "category_match_std": [0.032, 0.045],
+        "category_match_cv": [0.04, 0.05], "subcategory_match_mean": [0.5, 0.6],
+        "subcategory_match_std": [0.06, 0.06], "subcategory_match_cv": [0.12, 0.10]}), run_id=r1)
+    st.put_table("color_texture", pd.DataFrame([_colour_row("m1", "l1", "euclidean", 0.75, 0.05),
+                                                _colour_row("m1", "l1", "cosine", 0.70, 0.03),
+                                                _colour_row("m2", "l2", "cosine", 0.90, 0.01)]), run_id=r1)
+    st.put_neighbours(r2, "cosine", _neighbours({"q1": ["n1", "n2"], "q2": ["n3", "n4"]}))
+    st.put_neighbours(r2, "euclidean", _neighbours({"q1": ["n2", "n3"], "q2": ["n3", "n1"]}))
+    return st
+
+
+def test_run_table_labels_random_init(store):
+    runs = sm.run_table(store).set_index("run_id")
+    assert runs.loc[1, "features"] == "m1 / l1 / gap"
+    assert runs.loc[2, "features"] == "m2 / l2 / gap (random init)"
+    assert runs["random_init"].tolist() == [False, True]
+
+
+def test_features_label_parts():
+    assert sm.features_label("vgg19", "block5_pool", "gap", weights="imagenet") == "vgg19 / block5_pool / gap"
+    assert sm.features_label("lbp", None, None, weights="handcrafted") == "lbp"
+    assert (sm.features_label("m", "l", "gem", weights="none (random init)", variant="roi", l2_normalize=True)
+            == "m / l / gem +L2 [roi] (random init)")
+    assert sm.features_label("m", None, "gap", weights="/w/ft.weights.h5") == "m / gap [weights: ft.weights.h5]"
+
+
+def test_summary_match_from_tables_and_neighbours(store, tmp_path):
+    result = sm.summarise(store, tmp_path / "out")
+    match = result.match.set_index(["run_id", "metric"])
+    assert list(result.match[["run_id", "metric"]].itertuples(index=False, name=None)) == [
+        (1, "euclidean"), (1, "cosine"), (2, "euclidean"), (2, "cosine")]  # run, then METRICS order
+    assert match.loc[(1, "euclidean"), "category_match"] == 0.85
+    assert match.loc[(1, "euclidean"), "source"] == "category_match table"
+    cos2, euc2 = match.loc[(2, "cosine")], match.loc[(2, "euclidean")]
+    assert cos2["source"] == "recomputed from neighbours" and cos2["features"] == "m2 / l2 / gap (random init)"
+    assert cos2["k"] == 2 and cos2["n_queries"] == 2
+    assert cos2["category_match"] == pytest.approx(1.0) and cos2["subcategory_match"] == pytest.approx(0.5)
+    assert (cos2["category_match_lo"], cos2["category_match_hi"]) == pytest.approx((1.0, 1.0))
+    # euclidean: category (1/2 + 1/2) / 2, sub-category (0 + 1/2) / 2; bootstrap means of {0, 1/2} are
+    # 0, 1/4, 1/2 with probabilities 1/4, 1/2, 1/4, so the 2.5% and 97.5% percentiles are 0 and 1/2
+    assert euc2["category_match"] == pytest.approx(0.5) and euc2["subcategory_match"] == pytest.approx(0.25)
+    assert (euc2["subcategory_match_lo"], euc2["subcategory_match_hi"]) == pytest.approx((0.0, 0.5))
+    csv = pd.read_csv(tmp_path / "out" / "tables" / "summary_match.csv")
+    assert len(csv) == 4 and csv.loc[3, "subcategory_match"] == 0.5
+    assert set(sm.SUMMARY_TABLES.values()) <= {p.stem for p in (tmp_path / "out" / "tables").glob("*.csv")}
+
+
+def test_collected_tables_are_attributed_to_runs(store):
+    cv = sm.collect_cross_validation(store)
+    assert cv["run_id"].tolist() == [1, 1] and list(cv.columns[:len(sm.CV_COLUMNS)]) == sm.CV_COLUMNS
+    colour = sm.collect_color_texture(store).set_index(["run_id", "metric"])
+    # the m2 row stored in run 1's table belongs to run 2 (the only run of m2 / l2 / gap)
+    assert sorted(colour.index) == [(1, "cosine"), (1, "euclidean"), (2, "cosine")]
+    assert colour.loc[(2, "cosine"), "weights"] == "none (random init)"
+    assert colour.loc[(2, "cosine"), "color_corr_mean"] == 0.90
+
+
+def test_best_per_analysis_picks(store, tmp_path):
+    result = sm.summarise(store, tmp_path / "out")
+    best = result.best.set_index("analysis")
+    assert list(best.index) == [a[0] for a in sm.ANALYSES]
+    # random-init run 2 is left out: category match 0.85 (run 1, euclidean) beats 0.80 (run 1, cosine)
+    row = best.loc["category match"]
+    assert (row["run_id"], row["metric"], row["value"]) == (1, "euclidean", 0.85)
+    assert (row["ci_lo"], row["ci_hi"]) == (0.75, 0.95)
+    assert row["note"] == "2 random-init row(s) left out"
+    assert (best.loc["sub-category match", "metric"], best.loc["sub-category match", "value"]) == ("cosine", 0.60)
+    assert (best.loc["CV stability (category)", "metric"], best.loc["CV stability (category)", "value"]) == (
+        "euclidean", 0.04)
+    assert best.loc["CV stability (sub-category)", "metric"] == "cosine"
+    assert np.isnan(best.loc["CV stability (sub-category)", "ci_lo"])
+    # colour: run 2's 0.90 is random init, so run 1 euclidean 0.75; texture: lowest chi-square 0.03 (run 1 cosine)
+    assert (best.loc["colour correlation", "run_id"], best.loc["colour correlation", "value"]) == (1, 0.75)
+    assert (best.loc["texture", "metric"], best.loc["texture", "value"]) == ("cosine", 0.03)
+    csv = pd.read_csv(tmp_path / "out" / "tables" / "best_per_analysis.csv").set_index("analysis")
+    assert csv.loc["texture", "features"] == "m1 / l1 / gap"
+
+    everything = sm.best_per_analysis(result.match, result.cross_validation, result.color_texture,
+                                      exclude_random_init=False).set_index("analysis")
+    assert everything.loc["category match", "run_id"] == 2 and everything.loc["category match", "value"] == 1.0
+    assert everything.loc["texture", "value"] == 0.01
+
+
+def test_missing_analyses_reported_not_raised(store, tmp_path):
+    missing = sm.summarise(store).missing
+    assert list(missing[["run_id", "analysis"]].itertuples(index=False, name=None)) == [(2, "cross_validation")]
+
+    empty = FeatureStore(tmp_path / "empty.sqlite")
+    empty.start_run({"model": "m3", "weights": "imagenet"})
+    result = sm.summarise(empty, tmp_path / "empty_out")
+    assert result.match.empty and result.cross_validation.empty and result.color_texture.empty
+    assert result.best["note"].str.startswith("missing").all() and result.best["run_id"].isna().all()
+    assert sorted(result.missing["analysis"]) == ["category_match", "color_texture", "cross_validation"]
+    assert pd.read_csv(tmp_path / "empty_out" / "tables" / "summary_cross_validation.csv").empty
+    assert sm.summarise(FeatureStore(tmp_path / "none.sqlite")).missing["analysis"].tolist() == ["all"]
+
+
+def test_save_result_writes_csv_and_store(tmp_path):
+    st = FeatureStore(tmp_path / "s.sqlite")
+    run_id = st.start_run({"model": "m"})
+    df = pd.DataFrame({"metric": ["cosine", "euclidean"], "category_match": [0.123456, 2 / 3]})
+    path = sm.save_result(st, "category_match", df, run_id=run_id, out_dir=tmp_path / "out")
+    assert path == tmp_path / "out" / "tables" / "category_match.csv"
+    assert pd.read_csv(path)["category_match"].tolist() == [0.1235, 0.6667]
+    pd.testing.assert_frame_equal(st.table("category_match", run_id), df)  # unrounded in the store
+    with pytest.raises(ValueError, match="plain file stem"):
+        sm.save_result(st, "../x", df, run_id=run_id, out_dir=tmp_path)
+
+
+def test_ids_with_features_and_neighbour_overview(tmp_path):
+    st = FeatureStore(tmp_path / "s.sqlite")
+    run_id = st.start_run({"model": "m"})
+    st.put_features(run_id, ["q1", "n1", "n2", "n3"], np.eye(4, dtype=np.float32))  # q2, n4 failed
+    queries, searchable = sm.ids_with_features(st, run_id, LABELS)
+    assert queries.tolist() == ["q1"] and searchable.tolist() == ["n1", "n2", "n3"]
+
+    nb = _neighbours({"q1": ["n1", "n3"]}).assign(metric="cosine")
+    view = sm.neighbour_overview(nb, LABELS, ["q1"])
+    assert view.loc[("q1", "a1", "cosine")].tolist() == ["+ a1 0.100", "- b1 0.200"]
+
+
+def test_heatmap_annotates_confidence_intervals(store, tmp_path):
+    result = sm.summarise(store)
+    fig = sm.plot_match_ci_heatmap(result.match, path=tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 0
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "85.0\n[75.0, 95.0]" in texts and "100.0\n[100.0, 100.0]" in texts
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["m1 / l1 / gap", "m2 / l2 / gap (random init)"]
