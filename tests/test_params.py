@@ -14,6 +14,7 @@ NOTEBOOK_DEFAULTS = {
     "metrics": ["euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine"],
     "k": 5, "minkowski_p": 3, "same_category": False, "n_queries": 60, "seed": 0, "cv_folds": 10,
     "cv_fold_size": 20, "color_bins": 32, "lbp_points": 24, "lbp_radius": 3, "roi_margin": 4, "gallery_queries": 6,
+    "subcategory_from": "articleType", "samples_per_subcategory": 4, "pr_depth": 100,
 }
 PATH_KEYS = {"out_dir", "store"}  # defaults null: derived from the run name
 STUDY = ("vgg16", "vgg19", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0", "color_hist", "lbp", "hog")
@@ -60,7 +61,7 @@ def test_every_params_file_loads(repo_root):
 def test_demo_params(repo_root):
     params = load_params(repo_root / "params" / "demo.yaml")
     assert params == {
-        **NOTEBOOK_DEFAULTS, "name": "demo", "notebooks": ["00", "01", "02", "03", "04", "05", "06"],
+        **NOTEBOOK_DEFAULTS, "name": "demo", "notebooks": ["00", "01", "02", "03", "04", "05", "06", "08"],
         "out_dir": str(repo_root / "outputs" / "demo"),
         "store": str(repo_root / "outputs" / "demo" / "features.sqlite"),
     }
