@@ -625,3 +625,17 @@ def cross_validation_folds(catalog: Catalog, *, n_folds: int = 10, fold_size: in
     fold_of[order] = np.arange(len(pool)) % n_folds
     ids = catalog.df["image_id"].to_numpy(dtype=str)
     return [ids[np.sort(pool[fold_of == f])] for f in range(n_folds)]
+
+
+def catalog_frame(catalog: Any) -> pd.DataFrame:
+    """The DataFrame of a :class:`~cbir.catalog.Catalog` (or a DataFrame), checked for ``image_id`` and ``path``."""
+    df = getattr(catalog, "df", catalog)
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"catalog must be a Catalog or a DataFrame, got {type(catalog).__name__}")
+    missing = [c for c in ("image_id", "path") if c not in df.columns]
+    if missing:
+        raise ValueError(f"the catalogue needs columns image_id and path; missing {missing}")
+    ids = df["image_id"].astype(str)
+    if ids.duplicated().any():
+        raise ValueError(f"the catalogue has duplicate image_id values, e.g. {ids[ids.duplicated()].iloc[:5].tolist()}")
+    return df

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbir.catalog import catalog_frame
 from cbir.images import ImageError, read_image
 from cbir.store import FeatureStore
 
@@ -54,20 +55,6 @@ def library_versions() -> dict[str, str]:
         except Exception:  # pragma: no cover - a broken keras install must not stop an extraction
             pass
     return versions
-
-
-def catalog_frame(catalog: Any) -> pd.DataFrame:
-    """The DataFrame of a :class:`~cbir.catalog.Catalog` (or a DataFrame), checked for ``image_id`` and ``path``."""
-    df = getattr(catalog, "df", catalog)
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"catalog must be a Catalog or a DataFrame, got {type(catalog).__name__}")
-    missing = [c for c in ("image_id", "path") if c not in df.columns]
-    if missing:
-        raise ValueError(f"the catalogue needs columns image_id and path; missing {missing}")
-    ids = df["image_id"].astype(str)
-    if ids.duplicated().any():
-        raise ValueError(f"the catalogue has duplicate image_id values, e.g. {ids[ids.duplicated()].iloc[:5].tolist()}")
-    return df
 
 
 @functools.lru_cache(maxsize=2)

@@ -481,15 +481,10 @@ def crop_catalog(catalog: Any, out_dir: str | os.PathLike, *, margin: int = 4, s
 
     from tqdm.auto import tqdm
 
-    df = getattr(catalog, "df", catalog)
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"catalog must be a Catalog or DataFrame, got {type(catalog).__name__}")
-    missing = [c for c in ("image_id", "path") if c not in df.columns]
-    if missing:
-        raise ValueError(f"crop_catalog needs columns image_id and path; missing {missing}")
+    from cbir.catalog import catalog_frame
+
+    df = catalog_frame(catalog)
     ids = df["image_id"].astype(str)
-    if ids.duplicated().any():
-        raise ValueError(f"duplicate image_id values, e.g. {ids[ids.duplicated()].iloc[:3].tolist()}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     roi_csv = out / "roi.csv"
