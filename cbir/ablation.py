@@ -6,7 +6,8 @@ inflated by the white backgrounds of product photos, and proposed cropping to th
 future work. This module measures both:
 
 * **colour/texture of retrieved pairs** (:func:`color_texture_table`, :func:`color_texture_by_rank`,
-  :func:`example_pairs`): per (model, layer, pooling, metric) tuple, the colour correlation
+  :func:`example_pairs`): per feature run and measure (:data:`TUPLE_COLUMNS`: two runs of one model
+  with other weights or image variants stay apart), the colour correlation
   (OpenCV ``compareHist`` correlation of the RGB histograms, mean over channels; 1 = identical)
   and the LBP chi-square distance (0 = identical texture) between each query and each of its
   neighbours (:func:`cbir.descriptors.pair_similarities`);
@@ -21,14 +22,14 @@ future work. This module measures both:
   ``cropped - original`` with a paired bootstrap CI and a sign-flip randomisation p-value over
   queries (:func:`cbir.evaluate.paired_test`).
 
-Neighbour sets come from the store; :func:`ensure_neighbours` computes (with
-:func:`cbir.search.run_search`) and saves only those that are missing or were searched with other
-settings, so both notebooks run standalone after notebook 01.
+Neighbour sets come from the store; :func:`cbir.search.ensure_neighbours` (re-exported here) computes
+and saves only those that are missing or were searched with other settings, so both notebooks run
+standalone after notebook 01.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,11 @@ import pandas as pd
 
 from cbir.descriptors import HistogramSet, compare_histograms, image_histograms, pair_similarities
 from cbir.evaluate import KEYS, paired_test, per_query
-from cbir.search import METRICS, run_search
+from cbir.search import METRICS, ensure_neighbours
+from cbir.summary import COLOR_TEXTURE_COLUMNS, RUN_COLUMNS, features_label, run_table
 
 __all__ = [
-    "KEYS", "ROI_MEASURES", "COLOR_TEXTURE_COLUMNS", "ROI_ABLATION_COLUMNS", "COLOUR_COLUMNS",
+    "KEYS", "TUPLE_COLUMNS", "ROI_MEASURES", "COLOR_TEXTURE_COLUMNS", "ROI_ABLATION_COLUMNS", "COLOUR_COLUMNS",
     "ensure_neighbours", "stored_neighbours", "feature_label", "color_texture_table", "color_texture_by_rank",
     "best_tuple", "example_pairs", "roi_variant", "crop_images", "crop_loader", "ensure_roi_features",
     "roi_grid_sample", "roi_histograms", "roi_per_query", "paired_summary", "changed_queries", "RoiAblation",
@@ -52,9 +54,12 @@ ROI_MEASURES = ("category_match", "subcategory_match", "color_corr", "lbp_chi2")
 """Per-query measures of the ablation: match shares of the top k, mean colour correlation and mean
 LBP chi-square of the query's k pairs."""
 
-COLOR_TEXTURE_COLUMNS = [*KEYS, "n_pairs", "color_corr_mean", "color_corr_min", "color_corr_max",
-                         "lbp_chi2_mean", "lbp_chi2_min", "lbp_chi2_max"]
-"""Columns of :func:`color_texture_table` (saved as ``tables/color_texture.csv``)."""
+TUPLE_COLUMNS = [*RUN_COLUMNS, "metric"]
+"""Columns naming one neighbour set: its feature run (:data:`cbir.summary.RUN_COLUMNS`: ``run_id, features,
+model, layer, pooling, weights, variant``) and the measure. :func:`color_texture_table` groups by them."""
+
+# COLOR_TEXTURE_COLUMNS (from cbir.summary): TUPLE_COLUMNS + n_pairs and the colour / texture statistics,
+# the columns of color_texture_table (saved as tables/color_texture.csv, read back by cbir.summary).
 
 ROI_ABLATION_COLUMNS = [*KEYS, "measure", "original", "cropped", "difference", "diff_lo", "diff_hi", "p_value",
                         "n_queries", "original_masked"]
@@ -67,101 +72,64 @@ DEFAULT_ROI_MARGIN = 4
 
 
 # ------------------------------------------------------------------------------------ neighbours
-def _ids_with_vectors(store: Any, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids).astype(str)
-    done = store.done_ids(int(run_id))
-    return ids[np.fromiter((i in done for i in ids), dtype=bool, count=len(ids))]
-
-
-def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series, query_ids: np.ndarray,
-                 n_catalog: int, k: int, p: float, same_category: bool) -> bool:
-    """True when the stored set was searched with these settings for these queries."""
-    params = row["params"] if isinstance(row["params"], Mapping) else {}
-    if (params.get("k") != k or bool(params.get("same_category")) != bool(same_category)
-            or params.get("n_catalog") != n_catalog or params.get("n_queries") != len(query_ids)):
-        return False
-    if metric == "minkowski" and params.get("p") is not None and float(params["p"]) != float(p):
-        return False
-    stored = store.neighbours(int(run_id), metric, tag=tag)["query_id"].unique()
-    return bool(np.isin(stored, query_ids).all())
-
-
-def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.ndarray,
-                      catalog_ids: Sequence[str] | np.ndarray, metrics: Sequence[str] = METRICS, k: int = 5,
-                      p: float = 3.0, same_category: bool = False, tag: str = "") -> pd.DataFrame:
-    """The run's neighbour sets for ``metrics``, searching only those missing from the store.
-
-    ``query_ids`` search ``catalog_ids`` (e.g. ``cat.queries().ids`` and ``cat.searchable().ids``);
-    ids without a vector in the run (extraction failures) are left out. A stored set is reused when
-    it has the same ``k``, ``same_category``, ``p`` (minkowski), number of catalogue images and
-    queries; otherwise it is searched again (:func:`cbir.search.run_search`) and replaced.
-    Returns :func:`cbir.evaluate.neighbours_from_store` rows: ``run_id, model, layer, pooling, metric,
-    query_id, rank, neighbour_id, distance, similarity``.
-    """
-    from cbir.evaluate import neighbours_from_store
-
-    metrics = list(metrics)
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; expected some of {METRICS}")
-    q = _ids_with_vectors(store, run_id, query_ids)
-    c = _ids_with_vectors(store, run_id, catalog_ids)
-    if len(q) == 0 or len(c) == 0:
-        raise ValueError(f"run {run_id} has vectors for {len(q)} of {len(np.asarray(query_ids))} queries and "
-                         f"{len(c)} of {len(np.asarray(catalog_ids))} catalogue images: nothing to search")
-    sets = store.neighbour_sets()
-    sets = sets.loc[(sets["run_id"] == int(run_id)) & (sets["tag"] == tag)].set_index("metric")
-    todo = [m for m in metrics if m not in sets.index
-            or not _set_matches(store, run_id, m, tag, sets.loc[m], q, len(c), int(k), p, same_category)]
-    if todo:
-        run_search(store, int(run_id), q, catalog_ids=c, metrics=todo, k=int(k), p=float(p),
-                   same_category=same_category, tag=tag, save=True)
-    nb = neighbours_from_store(store, [int(run_id)], metrics, tag=tag)
-    order = {m: i for i, m in enumerate(metrics)}
-    return nb.sort_values("metric", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-
-
 def stored_neighbours(store: Any, *, variant: str | None = "original", k: int | None = None,
                       tag: str = "") -> pd.DataFrame:
     """Every stored neighbour set (``tag``) of runs of image ``variant`` (None: every variant), ranks up to
-    ``k`` (None: all), as :func:`cbir.evaluate.neighbours_from_store` rows plus ``variant``; runs in store
-    order, measures in :data:`cbir.search.METRICS` order."""
+    ``k`` (None: all), as :func:`cbir.evaluate.neighbours_from_store` rows with the run's
+    :data:`cbir.summary.RUN_COLUMNS` first (``features``: the run's unique label, e.g.
+    ``"vgg19 / block5_pool / gap (random init)"``); runs in store order, measures in
+    :data:`cbir.search.METRICS` order."""
     from cbir.evaluate import neighbours_from_store
 
-    runs = store.runs()
-    runs["variant"] = runs["variant"].fillna("original")
+    runs = run_table(store)
     keep = runs if variant is None else runs.loc[runs["variant"] == variant]
-    if keep.empty:
-        return neighbours_from_store(store, [], tag=tag).assign(variant=pd.Series(dtype=str))
     nb = neighbours_from_store(store, keep["run_id"].tolist(), tag=tag)
     if k is not None:
         nb = nb.loc[nb["rank"] <= int(k)]
     order = {m: i for i, m in enumerate(METRICS)}
     nb = nb.assign(_m=nb["metric"].map(order).fillna(len(order)))
     nb = nb.sort_values(["run_id", "_m"], kind="stable").drop(columns="_m").reset_index(drop=True)
-    return nb.assign(variant=nb["run_id"].map(keep.set_index("run_id")["variant"]))
+    info = keep.set_index("run_id")
+    extra = [c for c in RUN_COLUMNS if c not in nb.columns]
+    nb = nb.assign(**{c: nb["run_id"].map(info[c]).astype(object) for c in extra})
+    return nb[[*RUN_COLUMNS, *(c for c in nb.columns if c not in RUN_COLUMNS)]]
 
 
 def feature_label(df: pd.DataFrame) -> pd.Series:
-    """``"model / layer / pooling"`` per row (missing parts left out), e.g. ``"vgg19 / block5_pool / gap"``."""
+    """``"model / layer / pooling"`` per row (missing parts left out), e.g. ``"vgg19 / block5_pool / gap"``,
+    marked like :func:`cbir.summary.features_label` when the table has ``weights`` / ``variant`` columns
+    (``(random init)``, ``[roi]``); with a ``run_id`` column, runs that would share a label get ``#run_id``."""
     cols = [c for c in ("model", "layer", "pooling") if c in df.columns]
     if not cols:
         raise ValueError("feature_label needs at least one of the columns model, layer, pooling")
-    parts = df[cols].astype(object).where(df[cols].notna(), None)
-    return pd.Series([" / ".join(str(v) for v in row if v is not None) for row in parts.itertuples(index=False)],
-                     index=df.index, dtype=str)
+    get = {c: (df[c].astype(object).where(df[c].notna(), None) if c in df.columns
+               else pd.Series(None, index=df.index, dtype=object))
+           for c in ("model", "layer", "pooling", "weights", "variant")}
+    labels = pd.Series([features_label(m, l, p, weights=w, variant=v) for m, l, p, w, v in
+                        zip(*(get[c] for c in ("model", "layer", "pooling", "weights", "variant")))],
+                       index=df.index, dtype=str)
+    if "run_id" in df.columns and df["run_id"].notna().any():
+        per_run = pd.DataFrame({"run_id": df["run_id"], "label": labels}).dropna().drop_duplicates("run_id")
+        clash = per_run.loc[per_run["label"].duplicated(keep=False), "run_id"]
+        hit = df["run_id"].isin(clash).to_numpy()
+        labels[hit] = labels[hit] + " #" + df.loc[hit, "run_id"].astype("int64").astype(str)
+    return labels
 
 
 # ---------------------------------------------------------------------------- colour / texture
 def _keyed_groups(pairs: pd.DataFrame, extra: Sequence[str] = ()) -> Any:
-    missing = [c for c in ("color_corr", "lbp_chi2", *extra) if c not in pairs.columns]
+    """``pairs`` grouped per :data:`TUPLE_COLUMNS` (+ ``extra``); missing run columns are added empty
+    (``features`` from :func:`feature_label`), so a table without ``run_id`` groups by model and measure."""
+    missing = [c for c in ("color_corr", "lbp_chi2", "metric", *extra) if c not in pairs.columns]
     if missing:
         raise ValueError(f"pairs table lacks columns {missing} (use cbir.descriptors.pair_similarities)")
     df = pairs.copy()
-    for key in KEYS:
+    if "features" not in df.columns:
+        df["features"] = feature_label(df)
+    for key in TUPLE_COLUMNS:
         if key not in df.columns:
             df[key] = pd.Series(pd.NA, index=df.index, dtype=object)
-    return df.groupby([*KEYS, *extra], dropna=False, sort=False)
+    return df.groupby([*TUPLE_COLUMNS, *extra], dropna=False, sort=False)
 
 
 def _stats(grouped: Any) -> pd.DataFrame:
@@ -174,34 +142,53 @@ def _stats(grouped: Any) -> pd.DataFrame:
 
 
 def color_texture_table(pairs: pd.DataFrame, *, decimals: int | None = None) -> pd.DataFrame:
-    """Colour correlation and LBP chi-square of the (query, neighbour) pairs per tuple (the study's
-    Tables 11 and 13, one row per model, layer, pooling, metric).
+    """Colour correlation and LBP chi-square of the (query, neighbour) pairs per feature run and measure
+    (the study's Tables 11 and 13; one row per :data:`TUPLE_COLUMNS`, in order of appearance).
 
-    ``pairs``: :func:`cbir.descriptors.pair_similarities` output (``color_corr``, ``lbp_chi2`` and the
-    tuple columns). Columns :data:`COLOR_TEXTURE_COLUMNS`; ``n_pairs`` counts pairs with both images
-    readable (NaN pairs are left out of the statistics).
+    ``pairs``: :func:`cbir.descriptors.pair_similarities` output of :func:`stored_neighbours` (``color_corr``,
+    ``lbp_chi2``, ``metric`` and the run columns; those missing are left empty, so rows without ``run_id``
+    group by model, layer, pooling and weights). Columns :data:`COLOR_TEXTURE_COLUMNS`; ``n_pairs`` counts
+    pairs with both images readable (NaN pairs are left out of the statistics).
     """
     out = _stats(_keyed_groups(pairs))[COLOR_TEXTURE_COLUMNS]
     return out.round(decimals) if decimals is not None else out
 
 
 def color_texture_by_rank(pairs: pd.DataFrame, *, decimals: int | None = None) -> pd.DataFrame:
-    """Like :func:`color_texture_table` per tuple and neighbour ``rank`` (the study's Tables 12 and 14)."""
+    """Like :func:`color_texture_table` per run, measure and neighbour ``rank`` (the study's Tables 12 and
+    14): run and measure in order of appearance, then rank."""
     out = _stats(_keyed_groups(pairs, ["rank"]))
-    out = out.sort_values([*KEYS, "rank"], kind="stable", na_position="first").reset_index(drop=True)
-    out = out[[*KEYS, "rank", *COLOR_TEXTURE_COLUMNS[len(KEYS):]]]
+    group = out.groupby(TUPLE_COLUMNS, dropna=False, sort=False).ngroup()
+    out = out.assign(_g=group.to_numpy()).sort_values(["_g", "rank"], kind="stable").reset_index(drop=True)
+    out = out[[*TUPLE_COLUMNS, "rank", *COLOR_TEXTURE_COLUMNS[len(TUPLE_COLUMNS):]]]
     return out.round(decimals) if decimals is not None else out
 
 
 def best_tuple(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None = None,
                by: Sequence[str] = ("subcategory_match", "category_match")) -> dict[str, Any]:
-    """The (model, layer, pooling, metric) tuple with the highest mean per-query match (``by`` in order,
-    ties to the first tuple in the table), with its scores: ``{model, layer, pooling, metric, ...by}``."""
-    pq = per_query(neighbours, labels, k=k)
-    means = pq.groupby(KEYS, dropna=False, sort=False)[list(by)].mean().reset_index()
+    """The neighbour set (feature run and measure) with the highest mean per-query match (``by`` in order,
+    ties to the first set in the table), with its scores: ``{run_id, features, ..., metric, ...by}``
+    (the :data:`TUPLE_COLUMNS` present in ``neighbours``; without ``run_id`` sets are told apart by
+    model, layer, pooling and metric)."""
+    if "run_id" in neighbours.columns:
+        pq = pd.concat([per_query(g, labels, k=k).assign(run_id=rid)
+                        for rid, g in neighbours.groupby("run_id", sort=False)], ignore_index=True)
+        keys = ["run_id", *KEYS]
+    else:
+        pq, keys = per_query(neighbours, labels, k=k), KEYS
+    means = pq.groupby(keys, dropna=False, sort=False)[list(by)].mean().reset_index()
     means["_order"] = np.arange(len(means))
     top = means.sort_values([*by, "_order"], ascending=[False] * len(by) + [True], kind="stable").iloc[0]
-    return {c: (None if pd.isna(top[c]) else top[c]) for c in KEYS} | {s: float(top[s]) for s in by}
+    best = {c: (None if pd.isna(top[c]) else top[c]) for c in keys}
+    if "run_id" in best:
+        best["run_id"] = int(best["run_id"])
+        run = neighbours.loc[neighbours["run_id"] == best["run_id"]]
+        if "features" not in run.columns:
+            run = run.assign(features=feature_label(neighbours).loc[run.index])
+        first = run.iloc[0]
+        best |= {c: (None if pd.isna(first[c]) else first[c]) for c in RUN_COLUMNS if c in run.columns}
+    cols = [c for c in TUPLE_COLUMNS if c in best]
+    return {c: best[c] for c in cols} | {s: float(top[s]) for s in by}
 
 
 def example_pairs(pairs: pd.DataFrame) -> pd.DataFrame:

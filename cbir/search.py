@@ -37,7 +37,7 @@ import pandas as pd
 
 __all__ = [
     "METRICS", "SIMILARITY_METRICS", "ENGINES", "DEFAULT_ENGINE", "ExactIndex", "knn", "similarity", "search",
-    "run_search", "ApproximateIndex", "recall_at_k",
+    "run_search", "ensure_neighbours", "ApproximateIndex", "recall_at_k",
 ]
 
 METRICS = ("euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine")
@@ -497,6 +497,61 @@ def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
         frames.append(df.assign(run_id=int(run_id), metric=metric))
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEIGHBOUR_COLUMNS)
     return out[["run_id", "metric", *NEIGHBOUR_COLUMNS]] if frames else out
+
+
+# ------------------------------------------------------------------------- stored neighbour sets
+def _ids_with_vectors(store: Any, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids).astype(str)
+    done = store.done_ids(int(run_id))
+    return ids[np.fromiter((i in done for i in ids), dtype=bool, count=len(ids))]
+
+
+def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series, query_ids: np.ndarray,
+                 n_catalog: int, k: int, p: float, same_category: bool) -> bool:
+    """True when the stored set was searched with these settings for these queries."""
+    params = row["params"] if isinstance(row["params"], Mapping) else {}
+    if (params.get("k") != k or bool(params.get("same_category")) != bool(same_category)
+            or params.get("n_catalog") != n_catalog or params.get("n_queries") != len(query_ids)):
+        return False
+    if metric == "minkowski" and params.get("p") is not None and float(params["p"]) != float(p):
+        return False
+    stored = store.neighbours(int(run_id), metric, tag=tag)["query_id"].unique()
+    return bool(np.isin(stored, query_ids).all())
+
+
+def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.ndarray,
+                      catalog_ids: Sequence[str] | np.ndarray, metrics: Sequence[str] = METRICS, k: int = 5,
+                      p: float = 3.0, same_category: bool = False, tag: str = "") -> pd.DataFrame:
+    """The run's neighbour sets for ``metrics``, searching only those missing from the store.
+
+    ``query_ids`` search ``catalog_ids`` (e.g. ``cat.queries().ids`` and ``cat.searchable().ids``);
+    ids without a vector in the run (extraction failures) are left out. A stored set is reused when
+    it has the same ``k``, ``same_category``, ``p`` (minkowski), number of catalogue images and
+    queries; otherwise it is searched again (:func:`run_search`) and replaced.
+    Returns :func:`cbir.evaluate.neighbours_from_store` rows: ``run_id, model, layer, pooling, metric,
+    query_id, rank, neighbour_id, distance, similarity``.
+    """
+    from cbir.evaluate import neighbours_from_store  # evaluate imports this module
+
+    metrics = list(metrics)
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"unknown metric(s) {bad}; expected some of {METRICS}")
+    q = _ids_with_vectors(store, run_id, query_ids)
+    c = _ids_with_vectors(store, run_id, catalog_ids)
+    if len(q) == 0 or len(c) == 0:
+        raise ValueError(f"run {run_id} has vectors for {len(q)} of {len(np.asarray(query_ids))} queries and "
+                         f"{len(c)} of {len(np.asarray(catalog_ids))} catalogue images: nothing to search")
+    sets = store.neighbour_sets()
+    sets = sets.loc[(sets["run_id"] == int(run_id)) & (sets["tag"] == tag)].set_index("metric")
+    todo = [m for m in metrics if m not in sets.index
+            or not _set_matches(store, run_id, m, tag, sets.loc[m], q, len(c), int(k), p, same_category)]
+    if todo:
+        run_search(store, int(run_id), q, catalog_ids=c, metrics=todo, k=int(k), p=float(p),
+                   same_category=same_category, tag=tag, save=True)
+    nb = neighbours_from_store(store, [int(run_id)], metrics, tag=tag)
+    order = {m: i for i, m in enumerate(metrics)}
+    return nb.sort_values("metric", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
 
 # -------------------------------------------------------------------------------------- approximate
