@@ -88,8 +88,7 @@ def test_demo_pipeline(tmp_path: Path) -> None:
 def _real_subset(real: Path, dest: Path, per_subcategory: int = 20, seed: int = 0) -> Path:
     """A stratified subset manifest of the real catalogue; ``images`` is a link to the shared folder."""
     manifest = pd.read_csv(real / "manifest.csv")
-    sample = (manifest.groupby("subcategory", group_keys=False)
-              .apply(lambda g: g.sample(min(len(g), per_subcategory), random_state=seed)))
+    sample = manifest.sample(frac=1.0, random_state=seed).groupby("subcategory").head(per_subcategory)
     dest.mkdir(parents=True)
     os.symlink(real / "images", dest / "images")
     path = dest / "manifest.csv"
