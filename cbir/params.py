@@ -1,7 +1,7 @@
 """Run parameters: ``params/defaults.yaml`` holds every key with its default, ``params/<run>.yaml``
 overrides some of them, ``cbir run -p NAME VALUE`` overrides again.
 
-Keys are the notebook parameter names (docs/HELPERS.md) plus ``name`` (the run name, outputs go to
+Keys are the notebook parameter names (docs/CONVENTIONS.md) plus ``name`` (the run name, outputs go to
 ``outputs/<name>/``) and ``notebooks`` (which numbered notebooks a run executes). Unknown keys and
 values of the wrong type are errors naming the key and the file. Paths in YAML files are relative
 to the repository root, paths in overrides relative to the current directory; both come back

@@ -7,7 +7,7 @@ import pytest
 
 from cbir.params import DEFAULTS_FILE, ParamsError, load_defaults, load_params, notebook_parameters
 
-# the notebook parameters of docs/HELPERS.md with their documented defaults
+# the notebook parameters of docs/CONVENTIONS.md with their documented defaults
 NOTEBOOK_DEFAULTS = {
     "catalog": "demo", "model": "efficientnet_lite0", "layer": None, "pooling": "gap", "weights": "imagenet",
     "batch_size": 32, "l2_normalize": False,
