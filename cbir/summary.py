@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cbir.evaluate import MATCH_COLUMNS, match_table, neighbours_from_store, save_table
+from cbir.evaluate import (MATCH_COLUMNS, _holm, match_table, neighbours_from_store, paired_test, per_query,
+                           save_table)
 from cbir.search import METRICS
 from cbir.store import FeatureStore
 
@@ -55,7 +56,8 @@ ROI_ABLATION_COLUMNS = [*RUN_COLUMNS, "metric", "measure", "original", "cropped"
 RANDOM_INIT = "none (random init)"
 """The weights label of untrained backbones (:data:`cbir.backbones.NONE_LABEL`)."""
 SUMMARY_TABLES = {"match": "summary_match", "cross_validation": "summary_cross_validation",
-                  "color_texture": "summary_color_texture", "best": "best_per_analysis"}
+                  "color_texture": "summary_color_texture", "best": "best_per_analysis",
+                  "paired": "summary_paired_tests"}
 """Summary attribute -> CSV name (``<out_dir>/tables/<name>.csv``), always written by :func:`summarise`."""
 
 ANALYSES = (
@@ -382,6 +384,53 @@ def missing_analyses(runs: pd.DataFrame, match: pd.DataFrame, cross_validation: 
     return out
 
 
+PAIRED_COLUMNS = ["score", "best_features", "best_metric", "other_features", "other_metric", "n_queries",
+                  "mean_best", "mean_other", "mean_diff", "diff_lo", "diff_hi", "p_permutation", "p_wilcoxon",
+                  "p_holm"]
+
+
+def paired_tests_across_runs(store: FeatureStore | str | os.PathLike, match: pd.DataFrame, *,
+                             score: str = "subcategory_match", k: int | None = None, n_perm: int = 10000,
+                             seed: int = 0, exclude_random_init: bool = True) -> pd.DataFrame:
+    """The best (run, measure) by ``score`` against every other run's best measure, on their common queries.
+
+    Each comparison is :func:`cbir.evaluate.paired_test` on per-query scores (sign-flip randomisation and
+    Wilcoxon p-values, paired bootstrap CI of the difference); ``p_holm`` corrects the randomisation p-values
+    over the comparisons. So "model A + cosine beats model B + euclidean" comes with a p-value. Runs that share
+    no query with the best one (another catalogue or split) are left out. Columns: :data:`PAIRED_COLUMNS`.
+    """
+    store = open_store(store)
+    candidates = match.loc[match[score].notna()]
+    if exclude_random_init and (~candidates["weights"].map(is_random_init)).any():
+        candidates = candidates.loc[~candidates["weights"].map(is_random_init)]
+    if candidates["run_id"].nunique() < 2:
+        return pd.DataFrame(columns=PAIRED_COLUMNS)
+    per_run = (candidates.sort_values([score, "run_id"], ascending=[False, True], kind="stable")
+               .drop_duplicates("run_id"))  # each run's best measure, best run first
+    neighbours = neighbours_from_store(store, run_ids=per_run["run_id"].tolist())
+    chosen = per_run[["run_id", "metric", "features"]]
+    neighbours = neighbours.merge(chosen, on=["run_id", "metric"])
+    neighbours["model"] = neighbours["features"]  # one key per run, so variants of one model stay apart
+    scores = per_query(neighbours.drop(columns="features"), store.catalog(), k=k)
+    by_tuple = {name: g.set_index("query_id")[score] for name, g in scores.groupby("model", sort=False)}
+    best = per_run.iloc[0]
+    rows = []
+    for _, other in per_run.iloc[1:].iterrows():
+        a, b = by_tuple.get(best["features"]), by_tuple.get(other["features"])
+        common = a.index.intersection(b.index) if a is not None and b is not None else []
+        if len(common) == 0:
+            continue
+        test = paired_test(a.loc[common].to_numpy(), b.loc[common].to_numpy(), n_perm=n_perm, seed=seed)
+        rows.append({"score": score, "best_features": best["features"], "best_metric": best["metric"],
+                     "other_features": other["features"], "other_metric": other["metric"],
+                     "n_queries": len(common), "mean_best": test["mean_a"], "mean_other": test["mean_b"],
+                     **{key: test[key] for key in ("mean_diff", "diff_lo", "diff_hi", "p_permutation",
+                                                   "p_wilcoxon")}})
+    out = pd.DataFrame(rows, columns=PAIRED_COLUMNS[:-1])
+    out["p_holm"] = _holm(out["p_permutation"].to_numpy(dtype=float)) if len(out) else []
+    return out
+
+
 @dataclass
 class Summary:
     """Result of :func:`summarise`: the summary tables and the CSV files written."""
@@ -393,6 +442,7 @@ class Summary:
     roi_ablation: pd.DataFrame
     best: pd.DataFrame
     missing: pd.DataFrame
+    paired: pd.DataFrame = field(default_factory=pd.DataFrame)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -411,8 +461,11 @@ def summarise(store: FeatureStore | str | os.PathLike, out_dir: str | os.PathLik
     roi = collect_tables(store, "roi_ablation", ROI_ABLATION_COLUMNS)
     best = best_per_analysis(match, cv, ct, exclude_random_init=exclude_random_init)
     missing = missing_analyses(runs, match, cv, ct)
+    paired = pd.concat([paired_tests_across_runs(store, match, score=score, k=k, seed=seed,
+                                                 exclude_random_init=exclude_random_init)
+                        for score in ("category_match", "subcategory_match")], ignore_index=True)
     result = Summary(runs=runs, match=match, cross_validation=cv, color_texture=ct, roi_ablation=roi, best=best,
-                     missing=missing)
+                     missing=missing, paired=paired)
     if out_dir is not None:
         for attr, name in SUMMARY_TABLES.items():
             result.files[name] = save_table(getattr(result, attr), out_dir, name)

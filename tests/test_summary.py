@@ -185,3 +185,36 @@ def test_heatmap_annotates_confidence_intervals(store, tmp_path):
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "85.0\n[75.0, 95.0]" in texts and "100.0\n[100.0, 100.0]" in texts
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["m1 / l1 / gap", "m2 / l2 / gap (random init)"]
+
+
+def test_paired_tests_across_runs_compare_each_runs_best_measure_on_common_queries(tmp_path):
+    """Three runs on the same two queries (k = 2). Sub-category match per query (worked out by hand):
+
+        run 1 (a, imagenet)  cosine: q1 -> n1 (a1), n2 (a2) = 1/2; q2 -> n3 (b1), n4 (b2) = 1/2  mean 0.5
+                             euclidean: q1 -> n2, n3 = 0;      q2 -> n4, n1 = 0               mean 0
+        run 2 (b, imagenet)  cosine: q1 -> n1, n3 = 1/2;  q2 -> n3, n1 = 1/2                      mean 0.5
+        run 3 (c, imagenet)  cosine: q1 -> n2, n4 = 0;  q2 -> n4, n2 = 0                    mean 0
+    Best tuple: run 1 cosine (ties with run 2 go to the earlier run). Differences per query: vs run 2 (0, 0) ->
+    mean 0, p = 1; vs run 3 (1/2, 1/2) -> mean 1/2; with 2 queries the exact sign-flip p-value is 2/4 = 0.5.
+    """
+    st = FeatureStore(tmp_path / "s.sqlite")
+    st.put_catalog(LABELS)
+    for model in ("a", "b", "c"):
+        st.start_run({"model": model, "layer": "l", "pooling": "gap", "weights": "imagenet", "variant": "original"})
+    st.put_neighbours(1, "cosine", _neighbours({"q1": ["n1", "n2"], "q2": ["n3", "n4"]}))
+    st.put_neighbours(1, "euclidean", _neighbours({"q1": ["n2", "n3"], "q2": ["n4", "n1"]}))
+    st.put_neighbours(2, "cosine", _neighbours({"q1": ["n1", "n3"], "q2": ["n3", "n1"]}))
+    st.put_neighbours(3, "cosine", _neighbours({"q1": ["n2", "n4"], "q2": ["n4", "n2"]}))
+    match = sm.collect_match(st, n_boot=200)
+    paired = sm.paired_tests_across_runs(st, match, score="subcategory_match")
+    assert list(paired.columns) == sm.PAIRED_COLUMNS
+    assert paired["best_features"].unique().tolist() == ["a / l / gap"]
+    assert paired["best_metric"].unique().tolist() == ["cosine"]
+    rows = paired.set_index("other_features")
+    assert rows.loc["b / l / gap", "mean_diff"] == pytest.approx(0.0)
+    assert rows.loc["b / l / gap", "p_permutation"] == pytest.approx(1.0)
+    assert rows.loc["c / l / gap", "mean_diff"] == pytest.approx(0.5)
+    assert rows.loc["c / l / gap", "mean_other"] == pytest.approx(0.0)
+    assert rows.loc["c / l / gap", "p_permutation"] == pytest.approx(0.5)
+    assert (rows["n_queries"] == 2).all()
+    assert (rows["p_holm"] >= rows["p_permutation"]).all()
