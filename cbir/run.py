@@ -242,6 +242,7 @@ def run_params(
         _log(f"[{name}] error: no notebook {', '.join(f'{p}_*.ipynb' for p in absent)} in {notebooks_dir}")
         return False
     ensure_kernel(kernel_name)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kernels inherit it: no TensorFlow INFO noise
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     Path(params["store"]).parent.mkdir(parents=True, exist_ok=True)
