@@ -82,7 +82,8 @@ def stored_neighbours(store: Any, *, variant: str | None = "original", k: int | 
     from cbir.evaluate import neighbours_from_store
 
     runs = run_table(store)
-    keep = runs if variant is None else runs.loc[runs["variant"] == variant]
+    image_variant = runs["variant"].astype(str).str.split("+").str[0]  # "original+pcaw" shows original images
+    keep = runs if variant is None else runs.loc[image_variant == variant]
     nb = neighbours_from_store(store, keep["run_id"].tolist(), tag=tag)
     if k is not None:
         nb = nb.loc[nb["rank"] <= int(k)]
@@ -246,14 +247,16 @@ def crop_loader(crops: pd.DataFrame) -> Any:
 
 def ensure_roi_features(catalog: Any, crops: pd.DataFrame, *, store: Any, model: Any, layer: str | None = None,
                         pooling: str | None = None, weights: Any = "imagenet", margin: int = DEFAULT_ROI_MARGIN,
-                        **kwargs: Any) -> int:
+                        pca_whiten: bool = False, **kwargs: Any) -> int:
     """Features of the cropped images (:func:`crop_images`) in the run of ``model`` with variant
-    :func:`roi_variant` (``margin``), extracting only what is missing; returns the run id.
-    Keyword arguments go to :func:`cbir.extract.extract_features`."""
-    from cbir.extract import extract_features
+    :func:`roi_variant` (``margin``), extracting only what is missing; returns the run id (with
+    ``pca_whiten``, the whitened derived run, fitted on the searchable crops like the whole-image run).
+    Other keyword arguments go to :func:`cbir.extract.extract_features`."""
+    from cbir.extract import extract_features, whiten_for_catalog
 
-    return extract_features(catalog, model=model, layer=layer, pooling=pooling, weights=weights, store=store,
-                            variant=roi_variant(margin), loader=crop_loader(crops), **kwargs)
+    run_id = extract_features(catalog, model=model, layer=layer, pooling=pooling, weights=weights, store=store,
+                              variant=roi_variant(margin), loader=crop_loader(crops), **kwargs)
+    return whiten_for_catalog(store, run_id, catalog) if pca_whiten else run_id
 
 
 def roi_grid_sample(crops: pd.DataFrame, *, n: int = 18, seed: int = 0) -> pd.DataFrame:

@@ -508,7 +508,7 @@ def list_backbones() -> pd.DataFrame:
 def fit_pca_whitening(X: np.ndarray, n_components: int | None = None, seed: int = 0):
     """Fit ``sklearn.decomposition.PCA(whiten=True)`` on catalogue features ``X`` ``(N, D)``.
     ``n_components`` None keeps the numerical rank (components with variance above 1e-10 of the
-    largest), so whitening never divides by ~0. Returns the fitted PCA."""
+    largest), and a larger ``n_components`` is capped at it, so whitening never divides by ~0. Returns the fitted PCA."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float64)
@@ -518,14 +518,14 @@ def fit_pca_whitening(X: np.ndarray, n_components: int | None = None, seed: int 
         raise ValueError("fit_pca_whitening: the features contain NaN or infinite values")
     if X.var(axis=0).sum() == 0:
         raise ValueError("fit_pca_whitening: the features have zero variance")
-    pca = PCA(n_components=n_components, whiten=True, svd_solver="full", random_state=seed).fit(X)
-    if n_components is None:
-        var = pca.explained_variance_
-        rank = int(np.sum(var > var[0] * 1e-10)) if var.size and var[0] > 0 else 0
-        if rank == 0:
-            raise ValueError("fit_pca_whitening: the features have zero variance")
-        if rank < pca.n_components_:
-            pca = PCA(n_components=rank, whiten=True, svd_solver="full", random_state=seed).fit(X)
+    pca = PCA(n_components=None, whiten=True, svd_solver="full", random_state=seed).fit(X)
+    var = pca.explained_variance_
+    rank = int(np.sum(var > var[0] * 1e-10)) if var.size and var[0] > 0 else 0
+    if rank == 0:
+        raise ValueError("fit_pca_whitening: the features have zero variance")
+    keep = rank if n_components is None else min(int(n_components), rank)  # never divide by a ~0 variance
+    if keep < pca.n_components_:
+        pca = PCA(n_components=keep, whiten=True, svd_solver="full", random_state=seed).fit(X)
     return pca
 
 

@@ -142,6 +142,34 @@ def test_l2_normalize_an_instance_makes_unit_rows_in_a_separate_run(tmp_path, ca
     np.testing.assert_allclose(X_unit, X_raw / np.linalg.norm(X_raw, axis=1, keepdims=True), rtol=1e-5)
 
 
+def test_pca_whitening_is_a_derived_run_fitted_on_the_searchable_rows_only(tmp_path, catalog_df):
+    from sklearn.decomposition import PCA
+
+    store = FeatureStore(tmp_path / "s.sqlite")
+    df = catalog_df.iloc[:60].copy()
+    df["split"] = np.where(np.arange(len(df)) < 10, "query", "catalog")
+    raw = ensure_features(df, model=TinyExtractor(), store=store, progress=False)
+    white = ensure_features(df, model=TinyExtractor(), store=store, progress=False, pca_whiten=True)
+    assert white != raw and store.run(white)["variant"] == "original+pcaw"
+    assert ensure_features(df, model=TinyExtractor(), store=store, progress=False, pca_whiten=True) == white
+    ids, X = store.features(raw)
+    good = df["image_id"].isin(ids)
+    fit_ids = sorted(df.loc[good & (df["split"] != "query"), "image_id"])
+    # the reference: scikit-learn's whitening PCA fitted on the searchable vectors only, rows L2-normalised
+    pca = PCA(whiten=True, svd_solver="full").fit(store.features(raw, fit_ids)[1].astype(np.float64))
+    ref = pca.transform(X.astype(np.float64))[:, :store.run(white)["dim"]]
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    got_ids, W = store.features(white, ids)
+    assert W.shape == (len(ids), 6)  # the tiny extractor's vectors have rank 6 (6 statistics)
+    np.testing.assert_allclose(np.abs(W), np.abs(ref), atol=1e-4)  # components are defined up to sign
+    # whitened searchable vectors are decorrelated with equal variance before the L2 step
+    Z = pca.transform(store.features(raw, fit_ids)[1].astype(np.float64))[:, :6]
+    np.testing.assert_allclose(np.cov(Z, rowvar=False), np.eye(6), atol=1e-6)
+    # another fit set makes another run
+    df2 = df.assign(split=np.where(np.arange(len(df)) < 20, "query", "catalog"))
+    assert ensure_features(df2, model=TinyExtractor(), store=store, progress=False, pca_whiten=True) != white
+
+
 def test_variant_and_loader_make_their_own_run(tmp_path, catalog_df):
     store = FeatureStore(tmp_path / "s.sqlite")
     small = catalog_df.iloc[:10]
