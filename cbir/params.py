@@ -170,10 +170,8 @@ def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_whe
 
 
 def _valid_metrics() -> tuple[str, ...]:
-    try:
-        from cbir.search import METRICS
-    except ImportError:  # search not importable: fall back to the six measures of the study
-        return ("euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine")
+    from cbir.search import METRICS
+
     return tuple(METRICS)
 
 

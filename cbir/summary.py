@@ -31,6 +31,7 @@ import pandas as pd
 
 from cbir.evaluate import (MATCH_COLUMNS, _holm, match_table, neighbours_from_store, paired_test, per_query,
                            save_table)
+from cbir.plots import save_figure
 from cbir.search import METRICS
 from cbir.store import FeatureStore
 
@@ -475,13 +476,6 @@ def summarise(store: FeatureStore | str | os.PathLike, out_dir: str | os.PathLik
 
 
 # ---------------------------------------------------------------------------------------------- figures
-def _save(fig: Any, path: str | os.PathLike | None, dpi: int = 110) -> Any:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return fig
-
-
 def _metric_columns(values: Sequence[str]) -> list[str]:
     order = {m: i for i, m in enumerate(METRICS)}
     return sorted(set(values), key=lambda m: (order.get(m, len(order)), str(m)))
@@ -499,7 +493,7 @@ def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("cate
     if match.empty:
         fig = Figure(figsize=(6, 1.5), layout="constrained")
         fig.text(0.5, 0.5, "no match results in the store", ha="center", va="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
     label = match[row].astype(str) if row in match.columns else match["model"].astype(str)
     data = match.assign(_row=label.to_numpy())
     rows = list(pd.unique(data["_row"]))
@@ -525,7 +519,7 @@ def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("cate
         ax.tick_params(axis="y", rotation=0)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cv_folds(per_fold: pd.DataFrame, *, values: Sequence[str] = ("category_match", "subcategory_match"),
@@ -552,4 +546,4 @@ def plot_cv_folds(per_fold: pd.DataFrame, *, values: Sequence[str] = ("category_
         ax.tick_params(axis="x", rotation=30)
     n_folds = per_fold["fold"].nunique()
     fig.suptitle(title or f"{n_folds}-fold cross-validation: one dot per fold", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -16,17 +16,9 @@ from matplotlib.figure import Figure
 
 from cbir.catalog import Catalog
 from cbir.images import ImageError, read_image
+from cbir.plots import save_figure
 
 __all__ = ["plot_counts", "plot_samples", "plot_image_sizes", "plot_backgrounds", "sample_table", "save_figure"]
-
-
-def save_figure(fig: Figure, path: str | os.PathLike | None, *, dpi: int = 100) -> Figure:
-    """Save ``fig`` as PNG at ``path`` (if given) and return it."""
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return fig
 
 
 def plot_counts(catalog: Catalog | pd.DataFrame, *, by: str = "subcategory", path: str | os.PathLike | None = None,

@@ -16,6 +16,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cbir.plots import save_figure
+from cbir.search import METRICS
+
 __all__ = ["plot_match_heatmap", "plot_pr_curves", "plot_match_by_rank", "plot_confusion", "plot_neighbour_grid",
            "neighbour_cards", "thumbnail", "image_paths", "tuple_labels", "MATCH_COLOUR", "MISMATCH_COLOUR",
            "QUERY_COLOUR"]
@@ -24,15 +27,6 @@ MATCH_COLOUR = "#2ca02c"
 MISMATCH_COLOUR = "#d62728"
 QUERY_COLOUR = "#1f77b4"
 _KEYS = ("model", "layer", "pooling", "metric")
-_METRIC_ORDER = ("euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine")
-
-
-def _save(fig: Figure, path: str | os.PathLike | None, dpi: int = 110) -> Figure:
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return fig
 
 
 def tuple_labels(df: pd.DataFrame, columns: Sequence[str] = _KEYS) -> pd.Series:
@@ -48,7 +42,7 @@ def tuple_labels(df: pd.DataFrame, columns: Sequence[str] = _KEYS) -> pd.Series:
 
 
 def _metric_sorted(values: Sequence[str]) -> list[str]:
-    rank = {m: i for i, m in enumerate(_METRIC_ORDER)}
+    rank = {m: i for i, m in enumerate(METRICS)}
     return sorted(set(values), key=lambda m: (rank.get(m, len(rank)), str(m)))
 
 
@@ -72,7 +66,7 @@ def plot_match_heatmap(table: pd.DataFrame, *, value: str = "category_match",
     ax.set_xlabel("")
     ax.set_ylabel("")
     ax.set_title(title or f"{value.replace('_', ' ')} by model and measure (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr_curves(pr: pd.DataFrame, *, level: str = "category", path: str | os.PathLike | None = None) -> Figure:
@@ -91,7 +85,7 @@ def plot_pr_curves(pr: pd.DataFrame, *, level: str = "category", path: str | os.
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Precision-recall ({level}), cut-offs 1..{int(data['k'].max())}")
     ax.legend(title="", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_match_by_rank(by_rank: pd.DataFrame, *, value: str = "category_match",
@@ -109,7 +103,7 @@ def plot_match_by_rank(by_rank: pd.DataFrame, *, value: str = "category_match",
     ax.set_ylabel(f"{value.replace('_', ' ')} (%)")
     ax.set_title(f"{value.replace('_', ' ')} per neighbour rank")
     ax.legend(title="", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(conf: pd.DataFrame, *, title: str | None = None, annot: bool | None = None,
@@ -126,7 +120,7 @@ def plot_confusion(conf: pd.DataFrame, *, title: str | None = None, annot: bool 
                 xticklabels=True, yticklabels=True)
     ax.tick_params(labelsize=7 if n > 20 else 9)
     ax.set_title(title or f"{conf.index.name or 'query'} vs {conf.columns.name or 'neighbour'}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_paths(labels: pd.DataFrame, paths: Mapping[str, str] | pd.Series | None = None) -> pd.Series:
@@ -208,4 +202,4 @@ def plot_neighbour_grid(neighbours: pd.DataFrame, labels: pd.DataFrame, *, query
         title = " / ".join(str(neighbours[c].iloc[0]) for c in keys if pd.notna(neighbours[c].iloc[0]))
     if title:
         fig.suptitle(f"{title}  (green: same {level}, red: different)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
