@@ -274,10 +274,18 @@ class VisualSearchApp:
             if layer is not None:
                 wanted = wanted[wanted["layer"] == layer]
             wanted = wanted[wanted["pooling"].fillna("none") == (pooling or "none")]
-            if weights is not None:
-                label = weights if weights in ("imagenet", "none") else Path(weights).name
-                wanted = wanted[wanted["weights"] == label]
-        return int((wanted if not wanted.empty else runs)["run_id"].iloc[-1])
+            stored = wanted["weights"].astype(str)
+            if weights is not None and not (stored == "handcrafted").all():  # descriptors have no weights
+                if str(weights).lower() == "none":
+                    wanted = wanted[stored.str.lower().str.startswith("none")]  # "none (random init)"
+                else:
+                    label = weights if weights == "imagenet" else Path(weights).name
+                    wanted = wanted[stored == label]
+            if wanted.empty:
+                raise ValueError(f"no complete run of model {model!r} (layer {layer!r}, pooling {pooling!r}, weights "
+                                 f"{weights!r}) in this store; runs: "
+                                 f"{', '.join(f'{r.run_id} ({r.name or r.model})' for r in runs.itertuples())}")
+        return int(wanted["run_id"].iloc[-1])
 
     def select_run(self, run_id: int) -> None:
         """Search ``run_id``'s vectors from now on."""

@@ -295,13 +295,14 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
     fit = sorted(set(map(str, fit_ids)) & set(ids.tolist()))
     if len(fit) < 2:
         raise ValueError(f"whiten_run: run {run_id} has vectors for {len(fit)} of the fit ids; need at least 2")
-    identity = json.loads(source["params"]) if isinstance(source["params"], str) else dict(source["params"])
+    identity = dict(source["params"])
     identity.pop("dim", None)  # the whitened dimension is the PCA's, set by the first write
     identity.update(variant=f"{source.get('variant') or 'original'}+pcaw", whiten_source_run=int(run_id),
                     whiten_fit_sha1=hashlib.sha1("\n".join(fit).encode()).hexdigest(),
                     whiten_components=n_components, whiten_seed=seed)
     derived = store.start_run(identity, name=source.get("name"))
-    if store.run(derived).get("status") == "complete" and store.run(derived).get("n_features") == len(ids):
+    record = store.run(derived)
+    if record.get("status") == "complete" and record.get("n_features") == len(ids):
         return derived
     position = {image_id: i for i, image_id in enumerate(ids.tolist())}
     pca = fit_pca_whitening(X[[position[i] for i in fit]], n_components=n_components, seed=seed)

@@ -507,16 +507,17 @@ def _ids_with_vectors(store: Any, run_id: int, ids: Sequence[str] | np.ndarray) 
 
 
 def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series, query_ids: np.ndarray,
-                 n_catalog: int, k: int, p: float, same_category: bool) -> bool:
-    """True when the stored set was searched with these settings for these queries."""
+                 catalog_ids: np.ndarray, k: int, p: float, same_category: bool) -> bool:
+    """True when the stored set was searched with these settings, for these queries, in this catalogue."""
     params = row["params"] if isinstance(row["params"], Mapping) else {}
     if (params.get("k") != k or bool(params.get("same_category")) != bool(same_category)
-            or params.get("n_catalog") != n_catalog or params.get("n_queries") != len(query_ids)):
+            or params.get("n_catalog") != len(catalog_ids) or params.get("n_queries") != len(query_ids)):
         return False
     if metric == "minkowski" and params.get("p") is not None and float(params["p"]) != float(p):
         return False
-    stored = store.neighbours(int(run_id), metric, tag=tag)["query_id"].unique()
-    return bool(np.isin(stored, query_ids).all())
+    stored = store.neighbours(int(run_id), metric, tag=tag)
+    return bool(np.isin(stored["query_id"].unique(), query_ids).all()
+                and np.isin(stored["neighbour_id"].unique(), catalog_ids).all())
 
 
 def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.ndarray,
@@ -545,7 +546,7 @@ def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.
     sets = store.neighbour_sets()
     sets = sets.loc[(sets["run_id"] == int(run_id)) & (sets["tag"] == tag)].set_index("metric")
     todo = [m for m in metrics if m not in sets.index
-            or not _set_matches(store, run_id, m, tag, sets.loc[m], q, len(c), int(k), p, same_category)]
+            or not _set_matches(store, run_id, m, tag, sets.loc[m], q, c, int(k), p, same_category)]
     if todo:
         run_search(store, int(run_id), q, catalog_ids=c, metrics=todo, k=int(k), p=float(p),
                    same_category=same_category, tag=tag, save=True)

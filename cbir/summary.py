@@ -31,7 +31,6 @@ import pandas as pd
 
 from cbir.evaluate import (MATCH_COLUMNS, _holm, match_table, neighbours_from_store, paired_test, per_query,
                            save_table)
-from cbir.plots import save_figure
 from cbir.search import METRICS
 from cbir.store import FeatureStore
 
@@ -490,6 +489,8 @@ def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("cate
     import seaborn as sns
     from matplotlib.figure import Figure
 
+    from cbir.plots import save_figure
+
     if match.empty:
         fig = Figure(figsize=(6, 1.5), layout="constrained")
         fig.text(0.5, 0.5, "no match results in the store", ha="center", va="center")
@@ -528,6 +529,8 @@ def plot_cv_folds(per_fold: pd.DataFrame, *, values: Sequence[str] = ("category_
     ``per_fold`` table of :func:`cbir.evaluate.cross_validate`."""
     import seaborn as sns
     from matplotlib.figure import Figure
+
+    from cbir.plots import save_figure
 
     if per_fold.empty:
         raise ValueError("per_fold is empty: no cross-validation results to plot")

@@ -425,3 +425,22 @@ def test_text_file_and_oversized_uploads_show_the_error(page, tmp_path):
     page.wait_for_function("document.querySelector('.cbir-error')?.textContent.startsWith('big.jpg')",
                            timeout=SEARCH_MS)
     assert page.locator(".cbir-error").inner_text() == "big.jpg: 10.5 MB is over the 10 MB upload limit"
+
+
+def test_default_run_matches_stored_weight_labels_and_refuses_a_missing_model():
+    """Stored labels are "handcrafted" for descriptors and "none (random init)" for untrained models: asking
+    for lbp (whatever ``weights`` says) or for mobilenet_v2 with weights "none" must find those runs, and a
+    model with no run must be an error, never silently another model's run."""
+    runs = pd.DataFrame({"run_id": [1, 2, 3], "name": [None, None, None],
+                         "model": ["lbp", "mobilenet_v2", "efficientnet_lite0"], "layer": [None, "out_relu", "top"],
+                         "pooling": [None, "gap", "gap"],
+                         "weights": ["handcrafted", "none (random init)", "imagenet"]})
+    pick = VisualSearchApp._default_run
+    assert pick(runs, None, model="lbp", layer=None, pooling=None, weights="imagenet") == 1
+    assert pick(runs, None, model="mobilenet_v2", layer=None, pooling="gap", weights="none") == 2
+    assert pick(runs, None, model="efficientnet_lite0", layer=None, pooling="gap", weights="imagenet") == 3
+    assert pick(runs, None, model=None, layer=None, pooling=None, weights=None) == 3
+    with pytest.raises(ValueError, match="no complete run of model 'vgg19'"):
+        pick(runs, None, model="vgg19", layer=None, pooling=None, weights="imagenet")
+    with pytest.raises(ValueError, match="no complete run of model 'mobilenet_v2'"):
+        pick(runs, None, model="mobilenet_v2", layer=None, pooling="gap", weights="imagenet")
