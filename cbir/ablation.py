@@ -40,7 +40,7 @@ import pandas as pd
 from cbir.descriptors import HistogramSet, compare_histograms, image_histograms, pair_similarities
 from cbir.evaluate import KEYS, paired_test, per_query
 from cbir.search import METRICS, ensure_neighbours
-from cbir.summary import COLOR_TEXTURE_COLUMNS, RUN_COLUMNS, features_label, run_table
+from cbir.summary import COLOR_TEXTURE_COLUMNS, RUN_COLUMNS, features_label, order_by_run_and_metric, run_table
 
 __all__ = [
     "KEYS", "TUPLE_COLUMNS", "ROI_MEASURES", "COLOR_TEXTURE_COLUMNS", "ROI_ABLATION_COLUMNS", "COLOUR_COLUMNS",
@@ -87,9 +87,7 @@ def stored_neighbours(store: Any, *, variant: str | None = "original", k: int | 
     nb = neighbours_from_store(store, keep["run_id"].tolist(), tag=tag)
     if k is not None:
         nb = nb.loc[nb["rank"] <= int(k)]
-    order = {m: i for i, m in enumerate(METRICS)}
-    nb = nb.assign(_m=nb["metric"].map(order).fillna(len(order)))
-    nb = nb.sort_values(["run_id", "_m"], kind="stable").drop(columns="_m").reset_index(drop=True)
+    nb = order_by_run_and_metric(nb).reset_index(drop=True)
     info = keep.set_index("run_id")
     extra = [c for c in RUN_COLUMNS if c not in nb.columns]
     nb = nb.assign(**{c: nb["run_id"].map(info[c]).astype(object) for c in extra})

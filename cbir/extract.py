@@ -352,8 +352,11 @@ def export_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
     meta = {k: info[k] for k in ("run_id", "name", "model", "layer", "pooling", "weights", "weights_sha1",
                                  "variant", "input_size", "dim", "status", "params", "versions", "created")}
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, ids=ids.astype(str), features=X.astype(np.float32, copy=False),
-                 run=np.array(json.dumps(meta, sort_keys=True)))
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids.astype(str), features=X.astype(np.float32, copy=False),
+                     run=np.array(json.dumps(meta, sort_keys=True)))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when writing failed
     return out

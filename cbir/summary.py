@@ -35,7 +35,7 @@ from cbir.search import METRICS
 from cbir.store import FeatureStore
 
 __all__ = [
-    "RUN_COLUMNS", "CV_COLUMNS", "COLOR_TEXTURE_COLUMNS", "ROI_ABLATION_COLUMNS", "RANDOM_INIT", "SUMMARY_TABLES",
+    "RUN_COLUMNS", "CV_COLUMNS", "COLOR_TEXTURE_COLUMNS", "SUMMARY_ROI_ABLATION_COLUMNS", "RANDOM_INIT", "SUMMARY_TABLES",
     "ANALYSES", "Summary", "open_store", "save_result",
     "is_random_init", "features_label", "run_table", "with_run_columns", "ids_with_features", "neighbour_overview",
     "collect_tables", "collect_match", "collect_cross_validation", "collect_color_texture", "best_per_analysis",
@@ -50,7 +50,7 @@ CV_COLUMNS = [*RUN_COLUMNS, "metric", "n_folds", "category_match_mean", "categor
 COLOR_TEXTURE_COLUMNS = [*RUN_COLUMNS, "metric", "n_pairs", "color_corr_mean", "color_corr_min", "color_corr_max",
                          "lbp_chi2_mean", "lbp_chi2_min", "lbp_chi2_max"]
 """Columns of ``summary_color_texture`` (notebook 05's ``color_texture`` per run and measure)."""
-ROI_ABLATION_COLUMNS = [*RUN_COLUMNS, "metric", "measure", "original", "cropped", "difference", "diff_lo", "diff_hi",
+SUMMARY_ROI_ABLATION_COLUMNS = [*RUN_COLUMNS, "metric", "measure", "original", "cropped", "difference", "diff_lo", "diff_hi",
                         "p_value", "n_queries", "original_masked"]
 """Columns of ``summary_roi_ablation`` (notebook 06's ``roi_ablation`` per run)."""
 RANDOM_INIT = "none (random init)"
@@ -242,7 +242,7 @@ def collect_tables(store: FeatureStore | str | os.PathLike, name: str,
         out.insert(RUN_COLUMNS.index(col), col, out["run_id"].map(info[col]).to_numpy())
     if columns is not None:
         out = out.reindex(columns=[*columns, *(c for c in out.columns if c not in columns)])
-    return _sorted(out).reset_index(drop=True)
+    return order_by_run_and_metric(out).reset_index(drop=True)
 
 
 def _owners(table: pd.DataFrame, owner: int | None, info: pd.DataFrame, originals: pd.DataFrame) -> pd.Series:
@@ -263,7 +263,7 @@ def _owners(table: pd.DataFrame, owner: int | None, info: pd.DataFrame, original
     return pd.Series(target, index=table.index, dtype=float)
 
 
-def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+def order_by_run_and_metric(df: pd.DataFrame) -> pd.DataFrame:
     """Rows by run id, then measure in :data:`cbir.search.METRICS` order (stable otherwise)."""
     if df.empty:
         return df
@@ -303,7 +303,7 @@ def collect_match(store: FeatureStore | str | os.PathLike, *, k: int | None = No
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
     out = pd.concat(frames, ignore_index=True)
-    return _sorted(out.reindex(columns=cols)).reset_index(drop=True)
+    return order_by_run_and_metric(out.reindex(columns=cols)).reset_index(drop=True)
 
 
 def collect_cross_validation(store: FeatureStore | str | os.PathLike) -> pd.DataFrame:
@@ -458,7 +458,7 @@ def summarise(store: FeatureStore | str | os.PathLike, out_dir: str | os.PathLik
     match = collect_match(store, k=k, n_boot=n_boot, seed=seed)
     cv = collect_cross_validation(store)
     ct = collect_color_texture(store)
-    roi = collect_tables(store, "roi_ablation", ROI_ABLATION_COLUMNS)
+    roi = collect_tables(store, "roi_ablation", SUMMARY_ROI_ABLATION_COLUMNS)
     best = best_per_analysis(match, cv, ct, exclude_random_init=exclude_random_init)
     missing = missing_analyses(runs, match, cv, ct)
     paired = pd.concat([paired_tests_across_runs(store, match, score=score, k=k, seed=seed,
