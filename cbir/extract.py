@@ -25,10 +25,10 @@ import pandas as pd
 
 from cbir.catalog import catalog_frame
 from cbir.images import ImageError, read_image
-from cbir.store import FeatureStore
+from cbir.store import FeatureStore, open_store
 
 __all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
-           "catalog_frame", "library_versions"]
+           "whiten_run", "whiten_for_catalog", "loaded_library_versions"]
 
 Loader = Callable[[str, int], np.ndarray]
 """``loader(path, size) -> uint8[size, size, 3]``; raises :class:`~cbir.images.ImageError` for bad files."""
@@ -40,7 +40,7 @@ def _read(path: str, size: int) -> np.ndarray:
     return read_image(path, size=size)
 
 
-def library_versions() -> dict[str, str]:
+def loaded_library_versions() -> dict[str, str]:
     """Versions of Python, cbir and the numeric libraries already imported (nothing is imported here)."""
     import cbir
 
@@ -144,13 +144,13 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     df = catalog_frame(catalog)
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    store = open_store(store)
     extractor, l2_here = _resolve_extractor(model, layer=layer, pooling=pooling, weights=weights,
                                             l2_normalize=l2_normalize)
     size = int(extractor.input_size)
     loader = loader or _read
     run_id = store.start_run(_identity(extractor, variant=variant, l2_here=l2_here), name=name,
-                             versions=library_versions())
+                             versions=loaded_library_versions())
     store.put_catalog(df)
 
     ids = df["image_id"].astype(str).to_numpy()
@@ -289,7 +289,7 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
 
     from cbir.backbones import apply_pca_whitening, fit_pca_whitening
 
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    store = open_store(store)
     source = store.run(run_id)
     ids, X = store.features(run_id)
     fit = sorted(set(map(str, fit_ids)) & set(ids.tolist()))
@@ -318,17 +318,15 @@ def load_run_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
 
     Images without a vector (failures, not extracted) are left out.
     """
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
-    ids = catalog_frame(catalog)["image_id"].astype(str).to_numpy()
-    done = np.array(sorted(store.done_ids(run_id)), dtype=str)
-    return store.features(run_id, ids[np.isin(ids, done)])
+    store = open_store(store)
+    return store.features(run_id, store.ids_with_vectors(run_id, catalog_frame(catalog)["image_id"]))
 
 
 def extraction_failures(store: FeatureStore | str | os.PathLike[str], run_id: int, *,
                         root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """The images a run could not use: ``image_id, path, reason, detail`` in catalogue order, ``path``
     relative to ``root`` (e.g. ``catalog.root``) when given, so the table does not depend on the machine."""
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    store = open_store(store)
     table = store.failures(run_id)
     if root is not None and len(table):
         base = os.path.abspath(root)
@@ -342,7 +340,7 @@ def export_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
     """Write a run to ``out_npz`` (``.npz`` added when missing): arrays ``ids`` (unicode), ``features``
     (float32[N, D]) and ``run`` (the run's metadata as a JSON string); loadable with ``allow_pickle=False``.
     Returns the path written."""
-    store = store if isinstance(store, FeatureStore) else FeatureStore(store)
+    store = open_store(store)
     info = store.run(run_id)
     ids, X = store.features(run_id)
     out = Path(out_npz)

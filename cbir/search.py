@@ -500,12 +500,6 @@ def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
 
 
 # ------------------------------------------------------------------------- stored neighbour sets
-def _ids_with_vectors(store: Any, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
-    ids = np.asarray(ids).astype(str)
-    done = store.done_ids(int(run_id))
-    return ids[np.fromiter((i in done for i in ids), dtype=bool, count=len(ids))]
-
-
 def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series, query_ids: np.ndarray,
                  catalog_ids: np.ndarray, k: int, p: float, same_category: bool) -> bool:
     """True when the stored set was searched with these settings, for these queries, in this catalogue."""
@@ -538,8 +532,8 @@ def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metric(s) {bad}; expected some of {METRICS}")
-    q = _ids_with_vectors(store, run_id, query_ids)
-    c = _ids_with_vectors(store, run_id, catalog_ids)
+    q = store.ids_with_vectors(int(run_id), query_ids)
+    c = store.ids_with_vectors(int(run_id), catalog_ids)
     if len(q) == 0 or len(c) == 0:
         raise ValueError(f"run {run_id} has vectors for {len(q)} of {len(np.asarray(query_ids))} queries and "
                          f"{len(c)} of {len(np.asarray(catalog_ids))} catalogue images: nothing to search")

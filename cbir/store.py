@@ -546,6 +546,11 @@ class FeatureStore:
         """Image ids that already have a feature vector in ``run_id``."""
         return {r[0] for r in self._read("SELECT image_id FROM features WHERE run_id = ?", (int(run_id),))}
 
+    def ids_with_vectors(self, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The ``ids`` (as str, in the given order) that have a feature vector in ``run_id``."""
+        ids = np.asarray(ids).astype(str)
+        return ids[np.isin(ids, np.array(sorted(self.done_ids(run_id)), dtype=str))]
+
     def failed_ids(self, run_id: int) -> set[str]:
         """Image ids recorded as failures in ``run_id``."""
         return {r[0] for r in self._read("SELECT image_id FROM failures WHERE run_id = ?", (int(run_id),))}
@@ -750,3 +755,8 @@ def _bool_column(series: pd.Series) -> list[int | None]:
 def _float_column(series: pd.Series) -> list[float | None]:
     values = pd.to_numeric(series, errors="coerce").astype("float64").to_numpy()
     return [None if math.isnan(v) else float(v) for v in values]
+
+
+def open_store(store: FeatureStore | str | os.PathLike[str]) -> FeatureStore:
+    """``store`` itself when it is a :class:`FeatureStore`, else the store at that path."""
+    return store if isinstance(store, FeatureStore) else FeatureStore(store)

@@ -32,7 +32,7 @@ import pandas as pd
 from cbir.evaluate import (MATCH_COLUMNS, _holm, match_table, neighbours_from_store, paired_test, per_query,
                            save_table)
 from cbir.search import METRICS
-from cbir.store import FeatureStore
+from cbir.store import FeatureStore, open_store
 
 __all__ = [
     "RUN_COLUMNS", "CV_COLUMNS", "COLOR_TEXTURE_COLUMNS", "SUMMARY_ROI_ABLATION_COLUMNS", "RANDOM_INIT", "SUMMARY_TABLES",
@@ -77,11 +77,6 @@ ANALYSES = (
 _CI = {"category_match": ("category_match_lo", "category_match_hi"),
        "subcategory_match": ("subcategory_match_lo", "subcategory_match_hi")}
 _TABLE_FOR = {"match": "category_match", "cross_validation": "cross_validation", "color_texture": "color_texture"}
-
-
-def open_store(store: FeatureStore | str | os.PathLike) -> FeatureStore:
-    """``store`` as a :class:`~cbir.store.FeatureStore` (a path is opened)."""
-    return store if isinstance(store, FeatureStore) else FeatureStore(store)
 
 
 def save_result(store: FeatureStore | str | os.PathLike, name: str, df: pd.DataFrame, *, run_id: int | None,
@@ -145,9 +140,10 @@ def run_table(store: FeatureStore | str | os.PathLike) -> pd.DataFrame:
 
 def with_run_columns(df: pd.DataFrame, store: FeatureStore | str | os.PathLike, run_id: int) -> pd.DataFrame:
     """``df`` with the run's :data:`RUN_COLUMNS` first (existing columns of those names are replaced)."""
+    store = open_store(store)
     runs = run_table(store).set_index("run_id")
     if int(run_id) not in runs.index:
-        raise KeyError(f"{open_store(store).path}: no run with id {run_id}")
+        raise KeyError(f"{store.path}: no run with id {run_id}")
     info = runs.loc[int(run_id)]
     out = df.drop(columns=[c for c in RUN_COLUMNS if c in df.columns])
     head = pd.DataFrame({"run_id": int(run_id), **{c: info[c] for c in RUN_COLUMNS[1:]}}, index=out.index)
@@ -162,9 +158,8 @@ def ids_with_features(store: FeatureStore | str | os.PathLike, run_id: int, cata
     df = getattr(catalog, "df", catalog)
     if "split" not in df.columns:
         raise ValueError("the catalogue has no 'split' column: call cbir.catalog.split_queries first")
-    done = np.array(sorted(open_store(store).done_ids(int(run_id))), dtype=str)
     ids = df["image_id"].astype(str).to_numpy()
-    has = np.isin(ids, done)
+    has = np.isin(ids, open_store(store).ids_with_vectors(int(run_id), ids))
     query = (df["split"] == "query").to_numpy()
     return ids[has & query], ids[has & ~query]
 
