@@ -1,7 +1,7 @@
-"""Pooling of a convolutional feature map into one vector per image, as Keras layers.
+"""The registry of poolings: a convolutional feature map ``(N, H, W, C)`` -> one vector per image ``(N, C)``.
 
-Every layer takes a channels-last map ``(N, H, W, C)`` and returns ``(N, C)`` float32, using
-``keras.ops`` only, so it runs on any Keras 3 backend (TensorFlow, JAX, PyTorch).
+Each :class:`Pooling` entry is a function on ``keras.ops`` (so it runs on any Keras 3 backend) with the
+parameters it reads. The registered entries:
 
 - ``gap``  global average pooling
 - ``mac``  maximum activation of convolutions (global max pooling)
@@ -9,17 +9,25 @@ Every layer takes a channels-last map ``(N, H, W, C)`` and returns ``(N, C)`` fl
 - ``rmac`` regional MAC (Tolias, Sicre & Jegou, ICLR 2016): square regions at ``L`` scales, the MAC
   of each region L2-normalised, summed over regions, and the sum L2-normalised.
 
-This module imports Keras at load time; :mod:`cbir.backbones` imports it only when it builds a model.
+The Keras layers that apply them (:class:`cbir.layers.GlobalPool`, :class:`cbir.layers.L2Normalize`)
+live in :mod:`cbir.layers`; this module imports Keras only when a pooling runs, so params validation
+and the ``cbir`` command can list the poolings without loading it. Adding a pooling is one
+:func:`register_pooling` call plus its test::
+
+    register_pooling(Pooling("lse", lambda x, s: ops.log(ops.mean(ops.exp(x), axis=(1, 2))),
+                             "log-sum-exp pooling"))
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import keras
 import numpy as np
-from keras import ops
 
-POOLINGS = ("gap", "mac", "gem", "rmac")
+__all__ = ["Pooling", "PoolSettings", "POOLINGS", "register_pooling", "get_pooling", "rmac_regions",
+           "GlobalPool", "L2Normalize"]
 
 #: Desired overlap of neighbouring R-MAC regions and the candidate region counts along the long side
 #: (the values of Tolias et al.'s reference ``rmac_regions.m``).
@@ -59,64 +67,97 @@ def rmac_regions(height: int, width: int, levels: int = 3) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
 
 
-def _l2(x, axis: int = -1, eps: float = 1e-12):
+def _ops():
+    from keras import ops
+
+    return ops
+
+
+def l2_rows(x: Any, axis: int = -1, eps: float = 1e-12) -> Any:
+    """``x`` divided by its L2 norm along ``axis`` (norms below ``eps`` count as ``eps``), in keras.ops."""
+    ops = _ops()
     return x / ops.maximum(ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=True)), eps)
 
 
-@keras.saving.register_keras_serializable(package="cbir")
-class GlobalPool(keras.layers.Layer):
-    """Global pooling of ``(N, H, W, C)`` to ``(N, C)``: ``mode`` in gap, mac, gem, rmac.
+@dataclass(frozen=True)
+class PoolSettings:
+    """The parameters a pooling may read: GeM exponent ``p`` and clamp ``eps``, R-MAC ``levels``."""
 
-    ``p`` is the GeM exponent (used by ``gem`` only), ``eps`` the GeM clamp, ``levels`` the number of
-    R-MAC scales (used by ``rmac`` only; the region grid needs a static H and W).
+    p: float = 3.0
+    eps: float = 1e-6
+    levels: int = 3
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """One pooling: ``fn(x (N, H, W, C) float32 tensor, settings) -> (N, C)`` on ``keras.ops``.
+
+    ``params``: the :class:`PoolSettings` fields it reads (its identity includes them);
+    ``check(settings)`` raises ValueError for values it cannot use.
     """
 
-    def __init__(self, mode: str = "gap", *, p: float = 3.0, eps: float = 1e-6, levels: int = 3, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in POOLINGS:
-            raise ValueError(f"unknown pooling {mode!r}; expected one of {', '.join(POOLINGS)}")
-        if mode == "gem" and not p > 0:
-            raise ValueError(f"GeM exponent p must be > 0, got {p}")
-        self.mode, self.p, self.eps, self.levels = mode, float(p), float(eps), int(levels)
-
-    def call(self, x):
-        x = ops.cast(x, "float32")
-        if self.mode == "gap":
-            return ops.mean(x, axis=(1, 2))
-        if self.mode == "mac":
-            return ops.max(x, axis=(1, 2))
-        if self.mode == "gem":
-            x = ops.power(ops.maximum(x, self.eps), self.p)
-            return ops.power(ops.mean(x, axis=(1, 2)), 1.0 / self.p)
-        height, width = x.shape[1], x.shape[2]
-        if height is None or width is None:
-            raise ValueError("rmac pooling needs a feature map with a static height and width")
-        total = 0.0
-        for top, left, h, w in rmac_regions(int(height), int(width), self.levels):
-            region = ops.max(x[:, top:top + h, left:left + w, :], axis=(1, 2))
-            total = total + _l2(region)
-        return _l2(total)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[-1])
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "mode": self.mode, "p": self.p, "eps": self.eps, "levels": self.levels}
+    name: str
+    fn: Callable[[Any, PoolSettings], Any]
+    description: str = ""
+    params: tuple[str, ...] = ()
+    check: Callable[[PoolSettings], None] | None = None
 
 
-@keras.saving.register_keras_serializable(package="cbir")
-class L2Normalize(keras.layers.Layer):
-    """Divide each row by its Euclidean norm (rows of norm 0 stay 0): ``(N, D) -> (N, D)``."""
+POOLINGS: dict[str, Pooling] = {}
+"""name -> :class:`Pooling`."""
 
-    def __init__(self, eps: float = 1e-12, **kwargs):
-        super().__init__(**kwargs)
-        self.eps = float(eps)
 
-    def call(self, x):
-        return _l2(ops.cast(x, "float32"), eps=self.eps)
+def register_pooling(pooling: Pooling, *, replace: bool = False) -> Pooling:
+    """Add ``pooling`` to :data:`POOLINGS` (refusing a second entry of the same name unless ``replace``)."""
+    if pooling.name in POOLINGS and not replace:
+        raise ValueError(f"a pooling named {pooling.name!r} is already registered")
+    POOLINGS[pooling.name] = pooling
+    return pooling
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), "eps": self.eps}
+def get_pooling(name: str) -> Pooling:
+    """The registered pooling ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return POOLINGS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown pooling {name!r}; expected one of {', '.join(POOLINGS)}") from None
+
+
+def _gem(x: Any, s: PoolSettings) -> Any:
+    ops = _ops()
+    return ops.power(ops.mean(ops.power(ops.maximum(x, s.eps), s.p), axis=(1, 2)), 1.0 / s.p)
+
+
+def _check_gem(s: PoolSettings) -> None:
+    if not s.p > 0:
+        raise ValueError(f"GeM exponent p must be > 0, got {s.p}")
+
+
+def _rmac(x: Any, s: PoolSettings) -> Any:
+    ops = _ops()
+    height, width = x.shape[1], x.shape[2]
+    if height is None or width is None:
+        raise ValueError("rmac pooling needs a feature map with a static height and width")
+    total = 0.0
+    for top, left, h, w in rmac_regions(int(height), int(width), s.levels):
+        total = total + l2_rows(ops.max(x[:, top:top + h, left:left + w, :], axis=(1, 2)))
+    return l2_rows(total)
+
+
+for _p in (
+    Pooling("gap", lambda x, s: _ops().mean(x, axis=(1, 2)), "global average pooling"),
+    Pooling("mac", lambda x, s: _ops().max(x, axis=(1, 2)), "maximum activation of convolutions"),
+    Pooling("gem", _gem, "generalised mean, (mean(max(x, eps)^p))^(1/p)", ("p", "eps"), _check_gem),
+    Pooling("rmac", _rmac, "regional MAC (Tolias et al. 2016)", ("levels",)),
+):
+    register_pooling(_p)
+del _p
+
+
+def __getattr__(name: str) -> Any:
+    """``GlobalPool`` and ``L2Normalize`` load Keras: they live in :mod:`cbir.layers`."""
+    if name in ("GlobalPool", "L2Normalize"):
+        from cbir import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module 'cbir.pooling' has no attribute {name!r}")

@@ -32,14 +32,14 @@ import os
 import re
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["RoiResult", "find_roi", "crop_to_roi", "crop_catalog", "roi_loader", "roi_table"]
+__all__ = ["RoiResult", "RoiSettings", "find_roi", "crop_to_roi", "crop_catalog", "roi_loader", "roi_table"]
 
 # Reason codes (the first word of ``reason``), stable for tables and tests.
 OK = "ok"
@@ -182,35 +182,9 @@ def _fallback(h: int, w: int, code: str, detail: str, colour, stats) -> RoiResul
                      reason=f"{code}: {detail}", border_colour=colour, stats=stats)
 
 
-def find_roi(
-    image: np.ndarray,
-    *,
-    margin: int = 4,
-    border_width: int = 3,
-    degree: int = 2,
-    min_threshold: float = 3.0,
-    k_sigma: float = 6.0,
-    min_border_match: float = 0.5,
-    max_spread: float = 3.0,
-    grow_threshold: float | None = 25.0,
-    grow_gradient: float = 1.0,
-    grow_min_range: float = 4.0,
-    canny: tuple[float, float] | None = (10.0, 30.0),
-    close_px: int = 5,
-    open_px: int = 3,
-    rim_px: int = 8,
-    box_rim_px: int = 3,
-    rim_threshold: float = 10.0,
-    min_component_frac: float = 0.1,
-    touch_frac: float = 0.05,
-    max_touching_sides: int = 2,
-    min_area_frac: float = 0.01,
-    max_box_frac: float = 0.97,
-    grabcut: bool = False,
-    grabcut_iterations: int = 3,
-    work_size: int | None = 256,
-) -> RoiResult:
-    """Find the product in an HxWx3 uint8 RGB photo on a studio background.
+@dataclass(frozen=True)
+class RoiSettings:
+    """The knobs of :func:`find_roi` (defaults tuned on the shared real catalogue; 0.73 % fall back).
 
     ``margin``: pixels added around the mask's bounding box (in the input's pixels).
     ``border_width``: width of the border ring (work pixels) that samples the background.
@@ -230,135 +204,203 @@ def find_roi(
     anti-aliasing: pixels within ``rim_threshold`` delta E of the background, reached from it
     through such pixels) is peeled ``box_rim_px`` steps deep before the box is taken (pale product
     edges lost there lie within ``margin``) and ``rim_px`` steps deep for the mask.
-    ``grabcut``: refine the mask with ``cv2.grabCut`` seeded from it.
+    ``grabcut``: refine the mask with ``cv2.grabCut`` seeded from it (``grabcut_iterations``).
     ``work_size``: images with a longer side are analysed downscaled to it (mask and box are
     returned at full size); None analyses at full size.
     """
+
+    margin: int = 4
+    border_width: int = 3
+    degree: int = 2
+    min_threshold: float = 3.0
+    k_sigma: float = 6.0
+    min_border_match: float = 0.5
+    max_spread: float = 3.0
+    grow_threshold: float | None = 25.0
+    grow_gradient: float = 1.0
+    grow_min_range: float = 4.0
+    canny: tuple[float, float] | None = (10.0, 30.0)
+    close_px: int = 5
+    open_px: int = 3
+    rim_px: int = 8
+    box_rim_px: int = 3
+    rim_threshold: float = 10.0
+    min_component_frac: float = 0.1
+    touch_frac: float = 0.05
+    max_touching_sides: int = 2
+    min_area_frac: float = 0.01
+    max_box_frac: float = 0.97
+    grabcut: bool = False
+    grabcut_iterations: int = 3
+    work_size: int | None = 256
+
+
+@dataclass
+class _Background:
+    """The background model of one work image: delta E of every pixel to it, and its statistics."""
+
+    lab: np.ndarray
+    dist: np.ndarray
+    model: np.ndarray
+    ring: np.ndarray
+    match: float
+    spread: float
+    threshold: float
+    colour: tuple[float, ...]
+
+
+def _work_image(img: np.ndarray, work_size: int | None) -> tuple[np.ndarray, float]:
+    """The image downscaled so its longer side is at most ``work_size`` (INTER_AREA), and the scale."""
     import cv2
 
+    H, W = img.shape[:2]
+    if work_size is None or max(H, W) <= work_size:
+        return img, 1.0
+    scale = work_size / max(H, W)
+    return cv2.resize(img, (max(1, round(W * scale)), max(1, round(H * scale))),
+                      interpolation=cv2.INTER_AREA), scale
+
+
+def _background(work: np.ndarray, s: RoiSettings) -> _Background:
+    """Fit the smooth Lab background model to the border ring; distances, spread and threshold."""
+    import cv2
+
+    h, w = work.shape[:2]
+    bw = max(1, min(s.border_width, h // 4, w // 4))
+    lab = cv2.cvtColor(work.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
+    ring = _border_ring(h, w, bw)
+    # inlier tolerance for the fit: generous first (JPEG noise, gradients), spread decides later
+    model, inl = _fit_background(lab, ring, degree=s.degree, inlier_de=max(s.min_threshold, 8.0))
+    dist = np.linalg.norm(lab - model, axis=2)
+    fit_d = dist[ring][inl]
+    # per-channel noise sigma: the median of a 3-D Gaussian's norm is 1.538 sigma
+    spread = float(np.median(fit_d) / 1.538) if fit_d.size else float("inf")
+    ring_rgb = work[ring][inl] if inl.any() else work[ring]
+    colour = tuple(float(v) for v in np.median(ring_rgb, axis=0))
+    return _Background(lab=lab, dist=dist, model=model, ring=ring, match=float(inl.mean()), spread=spread,
+                       threshold=max(s.min_threshold, s.k_sigma * spread), colour=colour)
+
+
+def _foreground(work: np.ndarray, bg: _Background, s: RoiSettings, stats: dict[str, Any]) -> np.ndarray:
+    """Foreground mask: not background (near-model pixels connected to the border), cleaned.
+
+    With ``grow_threshold`` the background also takes smooth pixels (Lab gradient below
+    ``grow_gradient`` delta E per pixel) a little farther from the model, which follows spotlights
+    the border ring cannot see; only on lit backgrounds (model lightness range >= grow_min_range):
+    on flat white ones it would leak into white garments. Canny edges are barriers: the background
+    must not flow through a garment's outline.
+    """
+    import cv2
+
+    near = bg.dist <= bg.threshold
+    bg_range = float(np.ptp(bg.model[..., 0]))
+    stats["bg_range"] = round(bg_range, 3)
+    if s.grow_threshold is not None and s.grow_threshold > bg.threshold and bg_range >= s.grow_min_range:
+        blur = cv2.GaussianBlur(bg.lab, (5, 5), 0)
+        gx = cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+        gy = cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+        grad = np.sqrt((gx * gx + gy * gy).sum(axis=2))
+        near |= (bg.dist <= s.grow_threshold) & (grad <= s.grow_gradient)
+    barrier = near
+    if s.canny is not None:
+        grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
+        edges = cv2.Canny(cv2.GaussianBlur(grey, (3, 3), 0), s.canny[0], s.canny[1])
+        barrier = near & ~(cv2.dilate(edges, np.ones((3, 3), np.uint8)) > 0)
+    _, labels = cv2.connectedComponents(barrier.astype(np.uint8), connectivity=4)
+    border_labels = np.unique(labels[bg.ring & barrier])
+    fg = ~np.isin(labels, border_labels[border_labels > 0])
+    for op, px in ((cv2.MORPH_CLOSE, s.close_px), (cv2.MORPH_OPEN, s.open_px)):
+        if px > 1:
+            k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (px, px))
+            fg = cv2.morphologyEx(fg.astype(np.uint8), op, k).astype(bool)
+    fg = _keep_components(_fill_holes(fg), min_component_frac=s.min_component_frac)
+    if s.grabcut and fg.any() and not fg.all():
+        fg = _grabcut(work, fg, iterations=s.grabcut_iterations)
+        fg = _keep_components(_fill_holes(fg), min_component_frac=s.min_component_frac)
+    return fg
+
+
+def _peeled_masks(fg: np.ndarray, bg: _Background, s: RoiSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(mask for the box, mask) with the pale halo peeled off.
+
+    The halo (JPEG ringing, anti-aliasing, the band the dilated edges added) is the pixels within
+    ``rim_threshold`` of the background reached from it through such pixels: peeled ``box_rim_px``
+    steps deep for the box (pale product edges lost there are within the margin) and ``rim_px``
+    steps deep for the mask (the product's own colours only).
+    """
+    pale = bg.dist <= max(s.rim_threshold, bg.threshold)
+    fg_box = _peel(fg, pale, steps=s.box_rim_px, min_component_frac=s.min_component_frac,
+                   min_area_frac=s.min_area_frac)
+    if s.rim_px <= s.box_rim_px:
+        return fg_box, fg_box
+    return fg_box, _peel(fg_box, pale, steps=s.rim_px - s.box_rim_px, min_component_frac=s.min_component_frac,
+                         min_area_frac=s.min_area_frac)
+
+
+def _full_size(m: np.ndarray, H: int, W: int, scale: float) -> np.ndarray:
+    """A work-size mask back at the input's ``H x W`` (nearest neighbour)."""
+    if scale == 1.0:
+        return m
+    import cv2
+
+    return cv2.resize(m.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+    """Bounding box ``(x0, y0, x1, y1)`` of ``mask`` grown by ``margin`` and clipped to it."""
+    H, W = mask.shape
+    ys, xs = np.nonzero(mask)
+    return (max(int(xs.min()) - margin, 0), max(int(ys.min()) - margin, 0),
+            min(int(xs.max()) + 1 + margin, W), min(int(ys.max()) + 1 + margin, H))
+
+
+def find_roi(image: np.ndarray, settings: RoiSettings | None = None, **overrides: Any) -> RoiResult:
+    """Find the product in an HxWx3 uint8 RGB photo on a studio background.
+
+    ``settings``: a :class:`RoiSettings` (default: its defaults); keyword ``overrides`` replace
+    single fields, e.g. ``find_roi(img, margin=10)``. See the module docstring for the steps.
+    """
+    s = replace(settings or RoiSettings(), **overrides)
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise ValueError(f"find_roi expects an HxWx3 uint8 RGB image, got shape {img.shape} "
                          f"dtype {img.dtype}")
     H, W = img.shape[:2]
-    scale = 1.0
-    work = img
-    if work_size is not None and max(H, W) > work_size:
-        scale = work_size / max(H, W)
-        work = cv2.resize(img, (max(1, round(W * scale)), max(1, round(H * scale))),
-                          interpolation=cv2.INTER_AREA)
-    h, w = work.shape[:2]
-    bw = max(1, min(border_width, h // 4, w // 4))
-
-    lab = cv2.cvtColor(work.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
-    ring = _border_ring(h, w, bw)
-    # inlier tolerance for the fit: generous first (JPEG noise, gradients), spread decides later
-    model, inl = _fit_background(lab, ring, degree=degree, inlier_de=max(min_threshold, 8.0))
-    dist = np.linalg.norm(lab - model, axis=2)
-    ring_dist = dist[ring]
-    match = float(inl.mean())
-    fit_d = ring_dist[inl]
-    # per-channel noise sigma: the median of a 3-D Gaussian's norm is 1.538 sigma
-    spread = float(np.median(fit_d) / 1.538) if fit_d.size else float("inf")
-    ring_rgb = work[ring][inl] if inl.any() else work[ring]
-    colour = tuple(float(v) for v in np.median(ring_rgb, axis=0))
-    thr = max(min_threshold, k_sigma * spread)
-    stats: dict[str, Any] = {"border_match": round(match, 4), "spread": round(spread, 3),
-                             "threshold": round(thr, 3)}
-
-    if match < min_border_match:
+    work, scale = _work_image(img, s.work_size)
+    bg = _background(work, s)
+    stats: dict[str, Any] = {"border_match": round(bg.match, 4), "spread": round(bg.spread, 3),
+                             "threshold": round(bg.threshold, 3)}
+    if bg.match < s.min_border_match:
         return _fallback(H, W, BORDER_NOT_UNIFORM,
-                         f"only {match:.0%} of the border matches the background", colour, stats)
-    if spread > max_spread:
+                         f"only {bg.match:.0%} of the border matches the background", bg.colour, stats)
+    if bg.spread > s.max_spread:
         return _fallback(H, W, NOISY_BACKGROUND,
-                         f"background spread {spread:.1f} > {max_spread} delta E", colour, stats)
-
-    # background = near-model pixels connected to the border; with ``grow_threshold`` also
-    # smooth pixels (Lab gradient below ``grow_gradient`` delta E per pixel) a little farther
-    # from the model, which follows spotlights the border ring cannot see; only on lit
-    # backgrounds (model lightness range >= grow_min_range): on flat white ones it would leak
-    # into white garments
-    near = dist <= thr
-    bg_range = float(np.ptp(model[..., 0]))
-    stats["bg_range"] = round(bg_range, 3)
-    if grow_threshold is not None and grow_threshold > thr and bg_range >= grow_min_range:
-        blur = cv2.GaussianBlur(lab, (5, 5), 0)
-        gx = cv2.Sobel(blur, cv2.CV_32F, 1, 0, ksize=3) / 8.0
-        gy = cv2.Sobel(blur, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-        grad = np.sqrt((gx * gx + gy * gy).sum(axis=2))
-        near |= (dist <= grow_threshold) & (grad <= grow_gradient)
-    if canny is not None:
-        # edges are barriers: the background must not flow through a garment's outline
-        grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
-        edges = cv2.Canny(cv2.GaussianBlur(grey, (3, 3), 0), canny[0], canny[1])
-        edges = cv2.dilate(edges, np.ones((3, 3), np.uint8)) > 0
-        barrier = near & ~edges
-    else:
-        edges, barrier = None, near
-    _, labels = cv2.connectedComponents(barrier.astype(np.uint8), connectivity=4)
-    border_labels = np.unique(labels[ring & barrier])
-    background = np.isin(labels, border_labels[border_labels > 0])
-    fg = ~background
-    if close_px > 1:
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (close_px, close_px))
-        fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
-    if open_px > 1:
-        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (open_px, open_px))
-        fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN, k).astype(bool)
-    fg = _fill_holes(fg)
-    fg = _keep_components(fg, min_component_frac=min_component_frac)
-
-    if grabcut and fg.any() and not fg.all():
-        fg = _grabcut(work, fg, iterations=grabcut_iterations)
-        fg = _keep_components(_fill_holes(fg), min_component_frac=min_component_frac)
-
+                         f"background spread {bg.spread:.1f} > {s.max_spread} delta E", bg.colour, stats)
+    fg = _foreground(work, bg, s, stats)
     area = float(fg.mean())
     stats["area_frac"] = round(area, 4)
-    if area < min_area_frac:
-        return _fallback(H, W, TOO_SMALL, f"region covers {area:.1%} of the image", colour, stats)
-    sides = _touched_sides(fg, frac=touch_frac)
+    if area < s.min_area_frac:
+        return _fallback(H, W, TOO_SMALL, f"region covers {area:.1%} of the image", bg.colour, stats)
+    sides = _touched_sides(fg, frac=s.touch_frac)
     stats["touching"] = ",".join(sides)
-    if len(sides) > max_touching_sides:
+    if len(sides) > s.max_touching_sides:
         return _fallback(H, W, TOUCHES_BORDER,
-                         f"product touches {len(sides)} sides ({', '.join(sides)})", colour, stats)
-
-    def full_size(m: np.ndarray) -> np.ndarray:
-        if scale == 1.0:
-            return m
-        return cv2.resize(m.astype(np.uint8), (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
-
-    # peel the pale halo (JPEG ringing, anti-aliasing, the band the dilated edges added) off the
-    # region: pixels within rim_threshold of the background reached from it through such pixels,
-    # box_rim_px steps deep for the box (pale product edges lost there are within the margin) and
-    # rim_px steps deep for the mask (the product's own colours only)
-    pale = dist <= max(rim_threshold, thr)
-    fg_box = _peel(fg, pale, steps=box_rim_px, min_component_frac=min_component_frac,
-                   min_area_frac=min_area_frac)
-    mask_box = full_size(fg_box)
-    if rim_px > box_rim_px:
-        fg = _peel(fg_box, pale, steps=rim_px - box_rim_px, min_component_frac=min_component_frac,
-                   min_area_frac=min_area_frac)
-    else:
-        fg = fg_box
-    mask = full_size(fg)
+                         f"product touches {len(sides)} sides ({', '.join(sides)})", bg.colour, stats)
+    fg_box, fg = _peeled_masks(fg, bg, s)
     stats["mask_frac"] = round(float(fg.mean()), 4)
-    ys, xs = np.nonzero(mask_box)
-    x0 = max(int(xs.min()) - margin, 0)
-    y0 = max(int(ys.min()) - margin, 0)
-    x1 = min(int(xs.max()) + 1 + margin, W)
-    y1 = min(int(ys.max()) + 1 + margin, H)
-    box_frac = (x1 - x0) * (y1 - y0) / float(H * W)
+    box = _box(_full_size(fg_box, H, W, scale), s.margin)
+    box_frac = (box[2] - box[0]) * (box[3] - box[1]) / float(H * W)
     stats["box_frac"] = round(box_frac, 4)
-    if box_frac > max_box_frac:
-        return _fallback(H, W, WHOLE_IMAGE, f"box covers {box_frac:.0%} of the image", colour,
-                         stats)
-    return RoiResult(mask=mask, box=(x0, y0, x1, y1), fallback=False, reason=OK,
-                     border_colour=colour, stats=stats)
+    if box_frac > s.max_box_frac:
+        return _fallback(H, W, WHOLE_IMAGE, f"box covers {box_frac:.0%} of the image", bg.colour, stats)
+    return RoiResult(mask=_full_size(fg, H, W, scale), box=box, fallback=False, reason=OK,
+                     border_colour=bg.colour, stats=stats)
 
 
 def _grabcut(work: np.ndarray, fg: np.ndarray, *, iterations: int) -> np.ndarray:
     """Refine a foreground mask with GrabCut: the eroded mask is sure foreground, the rest of the
-    mask probable foreground, a band around it probable background, everything else sure background."""
+    mask probable foreground, a band around it probable background, everything else sure background.
+    Deterministic: OpenCV's RNG is seeded before each call."""
     import cv2
 
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
@@ -371,6 +413,7 @@ def _grabcut(work: np.ndarray, fg: np.ndarray, *, iterations: int) -> np.ndarray
     bgd = np.zeros((1, 65), np.float64)
     fgd = np.zeros((1, 65), np.float64)
     bgr = cv2.cvtColor(work, cv2.COLOR_RGB2BGR)
+    cv2.setRNGSeed(0)  # GrabCut's k-means initialisation draws from OpenCV's global RNG: same image, same mask
     try:
         cv2.grabCut(bgr, gc, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     except cv2.error:

@@ -1,6 +1,7 @@
 """Exact k-nearest-neighbour retrieval with the study's six measures, and approximate search.
 
-Measures (:data:`METRICS`), for vectors ``x, y`` of length D:
+Measures (:data:`METRICS`, the entries of the registry :data:`cbir.measures.MEASURES`), for vectors ``x, y``
+of length D:
 
 * ``euclidean`` ``sqrt(sum((x-y)^2))``, ``manhattan`` ``sum|x-y|``, ``chebyshev`` ``max|x-y|``,
   ``minkowski`` ``(sum|x-y|^p)^(1/p)`` (``p`` a parameter, default 3);
@@ -35,31 +36,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbir.measures import MEASURES, Measure, get_measure, measure_names
+
 __all__ = [
     "METRICS", "SIMILARITY_METRICS", "ENGINES", "DEFAULT_ENGINE", "ExactIndex", "knn", "similarity", "search",
     "run_search", "ensure_neighbours", "ApproximateIndex", "recall_at_k",
 ]
 
-METRICS = ("euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine")
-SIMILARITY_METRICS = ("correlation", "cosine")
+METRICS: tuple[str, ...] = measure_names()
+"""The registered measures (:data:`cbir.measures.MEASURES`), in the study's order."""
+SIMILARITY_METRICS: tuple[str, ...] = measure_names(similarity=True)
 """Measures that also have a similarity, ``1 - distance``."""
 
-_LP_METRICS = ("manhattan", "minkowski", "chebyshev")
-_BLAS_METRICS = ("euclidean", "correlation", "cosine")
-
-ENGINES: dict[str, tuple[str, ...]] = {
-    "blas": _BLAS_METRICS,          # numpy float32 matmul (OpenBLAS)
-    "faiss": METRICS,               # faiss.pairwise_distances (L2, inner product, L1, Linf, Lp)
-    "scipy": _LP_METRICS,           # scipy cdist, query rows split over threads (keeps a float64 catalogue copy)
-    "sklearn": _LP_METRICS,         # sklearn.metrics.pairwise_distances(n_jobs=cores)
-    "sklearn_nn": _LP_METRICS,      # sklearn NearestNeighbors(algorithm="brute"): candidates without a full block
-}
+ENGINE_NAMES = ("blas", "faiss", "scipy", "sklearn", "sklearn_nn")
+"""Fast-pass engines: numpy float32 matmul (OpenBLAS); ``faiss.pairwise_distances``; scipy ``cdist`` with
+query rows split over threads (keeps a float64 catalogue copy); ``sklearn.metrics.pairwise_distances``;
+sklearn ``NearestNeighbors(algorithm="brute")`` (candidates without a full block)."""
+ENGINES: dict[str, tuple[str, ...]] = {e: tuple(n for n, m in MEASURES.items() if e in m.engines)
+                                      for e in ENGINE_NAMES}
 """Fast-pass engines and the measures each serves. The exact float64 refinement is the same for all."""
 
-DEFAULT_ENGINE = {
-    "euclidean": "blas", "cosine": "blas", "correlation": "blas",
-    "manhattan": "faiss", "minkowski": "faiss", "chebyshev": "scipy",
-}
+DEFAULT_ENGINE: dict[str, str] = {n: m.default_engine for n, m in MEASURES.items()}
 """Fastest engine per measure on a 100k x 1280 float32 catalogue (``benchmarks/search.py``)."""
 
 MAX_BLOCK_MB = 256
@@ -70,11 +67,10 @@ _U64 = float(np.finfo(np.float64).eps) / 2
 _SAFETY = 2.0  # the fast scores of the k-th and of a candidate may both be off by the bound
 
 
-def _check_metric(metric: str, p: float) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    if metric == "minkowski" and not (np.isfinite(p) and p >= 1):
-        raise ValueError(f"minkowski needs a finite p >= 1, got p={p!r}")
+def _check_metric(metric: str, p: float) -> Measure:
+    measure = get_measure(metric)
+    measure.check(p)
+    return measure
 
 
 def _as_matrix(X: Any, name: str) -> np.ndarray:
@@ -119,30 +115,6 @@ def _normalise_rows(X: np.ndarray, *, centre: bool) -> tuple[np.ndarray, np.ndar
     return Xc, rho
 
 
-def _exact_pairs(metric: str, p: float, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Exact float64 distance between rows ``A[i]`` and ``B[i]`` (both (M, D) float64).
-
-    Each pair gets the same arithmetic (element-wise ops, then a reduction over the last axis), so
-    identical pairs give bit-identical results.
-    """
-    if metric in SIMILARITY_METRICS:
-        if metric == "correlation":  # centre; a constant vector becomes the zero vector
-            A = np.where((A.max(axis=1) == A.min(axis=1))[:, None], 0.0, A - A.mean(axis=1, keepdims=True))
-            B = np.where((B.max(axis=1) == B.min(axis=1))[:, None], 0.0, B - B.mean(axis=1, keepdims=True))
-        dot = np.sum(A * B, axis=1)
-        norm = np.sqrt(np.sum(A * A, axis=1)) * np.sqrt(np.sum(B * B, axis=1))
-        sim = np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0)
-        return 1.0 - np.clip(sim, -1.0, 1.0)
-    diff = np.abs(A - B)
-    if metric == "euclidean":
-        return np.sqrt(np.sum(diff * diff, axis=1))
-    if metric == "manhattan":
-        return np.sum(diff, axis=1)
-    if metric == "chebyshev":
-        return np.max(diff, axis=1) if diff.shape[1] else np.zeros(len(diff))
-    return np.sum(diff**p, axis=1) ** (1.0 / p)  # minkowski
-
-
 def _block_threshold(kth: np.ndarray, dtype: np.dtype, abs_err: np.ndarray | float, rel_err: float) -> np.ndarray:
     """Largest fast score that may still belong to the exact top k, rounded up to ``dtype``."""
     kth = kth.astype(np.float64)
@@ -159,12 +131,13 @@ class ExactIndex:
     """
 
     def __init__(self, catalog_X: Any, metric: str, *, p: float = 3.0, engine: str = "auto") -> None:
-        _check_metric(metric, p)
-        engine = DEFAULT_ENGINE[metric] if engine == "auto" else engine
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; expected 'auto' or one of {tuple(ENGINES)}")
-        if metric not in ENGINES[engine]:
-            raise ValueError(f"engine {engine!r} does not serve {metric!r} (it serves {ENGINES[engine]})")
+        self.measure = _check_metric(metric, p)
+        engine = self.measure.default_engine if engine == "auto" else engine
+        if engine not in ENGINE_NAMES:
+            raise ValueError(f"unknown engine {engine!r}; expected 'auto' or one of {ENGINE_NAMES}")
+        if engine not in self.measure.engines:
+            served = tuple(n for n, m in MEASURES.items() if engine in m.engines)
+            raise ValueError(f"engine {engine!r} does not serve {metric!r} (it serves {served})")
         self.metric, self.p, self.engine = metric, float(p), engine
         self.X = _as_matrix(catalog_X, "catalog_X")
         self.n, self.d = self.X.shape
@@ -173,11 +146,11 @@ class ExactIndex:
 
     # -- fast pass --------------------------------------------------------------------------------
     def _prepare(self) -> None:
-        d, metric, engine = self.d, self.metric, self.engine
-        if metric in SIMILARITY_METRICS:
-            self._Xf, rho = _normalise_rows(self.X, centre=metric == "correlation")
+        d, m, engine = self.d, self.measure, self.engine
+        if m.family == "angular":
+            self._Xf, rho = _normalise_rows(self.X, centre=m.centre)
             self._rho_max = float(rho.max()) if len(rho) else 1.0
-        elif metric == "euclidean":
+        elif m.family == "l2":
             self._Xf = self.X
             self._sq = np.einsum("ij,ij->i", self.X, self.X, dtype=np.float64)
             self._sq32 = self._sq.astype(np.float32)
@@ -189,20 +162,23 @@ class ExactIndex:
         if engine == "sklearn_nn":
             from sklearn.neighbors import NearestNeighbors
 
-            kw = {"p": self.p} if metric == "minkowski" else {}
-            self._nn = NearestNeighbors(algorithm="brute", metric=metric, **kw).fit(self.X)
+            self._nn = NearestNeighbors(algorithm="brute", metric=m.sklearn_name, **self._kw).fit(self.X)
         # relative error bound of the Lp-type fast scores (float32 engines; scipy works in float64)
-        u = _U64 if engine == "scipy" else _U32
-        self._rel = 4 * u if metric == "chebyshev" else (d + 2 * self.p + 8) * u
+        self._rel = m.rel_err(d, self.p, _U64 if engine == "scipy" else _U32) if m.family == "lp" else 0.0
+
+    @property
+    def _kw(self) -> dict[str, float]:
+        """The measure's parameters as keywords for scipy / scikit-learn."""
+        return {"p": self.p} if "p" in self.measure.params else {}
 
     def _prepare_queries(self, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray | float]:
         """Queries as the fast engine wants them, and the absolute error bound per query row."""
         d = self.d
-        if self.metric in SIMILARITY_METRICS:
-            Qn, rho = _normalise_rows(Q, centre=self.metric == "correlation")
+        if self.measure.family == "angular":
+            Qn, rho = _normalise_rows(Q, centre=self.measure.centre)
             # |fast - exact| cosine: float32 dot product (d u) + normalising (4 u) + float32 centring (u rho)
             return -Qn, (d + 8 + 2 * (rho + self._rho_max)) * _U32
-        if self.metric == "euclidean":
+        if self.measure.family == "l2":
             q2 = np.einsum("ij,ij->i", Q, Q, dtype=np.float64)
             factor = 2 * d + 8 if self.engine == "faiss" else d + 4
             return Q, factor * _U32 * (q2 + self._sq_max)
@@ -210,9 +186,9 @@ class ExactIndex:
 
     def _block(self, Qf: np.ndarray, engine: str) -> np.ndarray:
         """Fast scores (b, N): smaller is closer; a monotone function of the distance per query row."""
-        metric = self.metric
+        m = self.measure
         if engine == "blas":
-            if metric == "euclidean":
+            if m.family == "l2":
                 block = np.matmul(-2.0 * Qf, self._Xf.T)
                 block += self._sq32  # |y|^2 - 2 x.y  (|x|^2 is constant per row)
                 return block
@@ -220,20 +196,17 @@ class ExactIndex:
         if engine == "faiss":
             import faiss
 
-            code = {"euclidean": faiss.METRIC_L2, "manhattan": faiss.METRIC_L1, "chebyshev": faiss.METRIC_Linf,
-                    "minkowski": faiss.METRIC_Lp, "cosine": faiss.METRIC_INNER_PRODUCT,
-                    "correlation": faiss.METRIC_INNER_PRODUCT}[metric]
-            return faiss.pairwise_distances(np.ascontiguousarray(Qf), self._Xf, code,
-                                            self.p if metric == "minkowski" else 0)  # Lp: sum |x-y|^p
-        kw = {"p": self.p} if metric == "minkowski" else {}
+            return faiss.pairwise_distances(np.ascontiguousarray(Qf), self._Xf, getattr(faiss, m.faiss),
+                                            self._kw.get("p", 0))  # Lp: sum |x-y|^p
+        kw = self._kw
         if engine == "sklearn":
             from sklearn.metrics import pairwise_distances
 
-            return pairwise_distances(Qf, self._Xf, metric=metric, n_jobs=self._threads, **kw)
+            return pairwise_distances(Qf, self._Xf, metric=m.sklearn_name, n_jobs=self._threads, **kw)
         # scipy (also the full-block fallback of sklearn_nn): cdist on query rows split over threads
         from scipy.spatial.distance import cdist
 
-        name = "cityblock" if metric == "manhattan" else metric
+        name = m.scipy_name
         Q64 = Qf.astype(np.float64)
         X64 = self._Xf if self._Xf.dtype == np.float64 else self.X.astype(np.float64)
         out = np.empty((len(Q64), self.n))
@@ -252,7 +225,7 @@ class ExactIndex:
             chunk = block[s:s + step]
             kth = np.partition(chunk, k - 1, axis=1)[:, k - 1]
             err = abs_err[s:s + step] if np.ndim(abs_err) else abs_err
-            thr = _block_threshold(kth, chunk.dtype, err, self._rel if self.metric in _LP_METRICS else 0.0)
+            thr = _block_threshold(kth, chunk.dtype, err, self._rel)
             r, c = np.nonzero(chunk <= thr[:, None])
             rows.append(r + s)
             cols.append(c)
@@ -283,7 +256,7 @@ class ExactIndex:
         for s in range(0, len(rows), step):
             A = Q[rows[s:s + step]].astype(np.float64)
             B = self.X[cols[s:s + step]].astype(np.float64)
-            dist[s:s + step] = _exact_pairs(self.metric, self.p, A, B)
+            dist[s:s + step] = self.measure.exact(A, B, self.p)
         order = np.lexsort((cols, dist, rows))
         rows, cols, dist = rows[order], cols[order], dist[order]
         starts = np.searchsorted(rows, np.arange(len(Q)))
@@ -333,10 +306,9 @@ def knn(catalog_X: Any, query_X: Any, metric: str, k: int = 5, p: float = 3.0, b
 
 def similarity(metric: str, distances: Any) -> np.ndarray:
     """``1 - distance`` for cosine and correlation; NaN (same shape) for the other measures."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    measure = get_measure(metric)
     distances = np.asarray(distances, dtype=np.float64)
-    return 1.0 - distances if metric in SIMILARITY_METRICS else np.full(distances.shape, np.nan)
+    return 1.0 - distances if measure.similarity else np.full(distances.shape, np.nan)
 
 
 # ----------------------------------------------------------------------------------------- search()
@@ -493,7 +465,7 @@ def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
                     dup_groups=dups, engine=engine)
         if save:
             store.put_neighbours(run_id, metric, df, tag=tag,
-                                 params={**params, "p": float(p) if metric == "minkowski" else None})
+                                 params={**params, "p": float(p) if "p" in get_measure(metric).params else None})
         frames.append(df.assign(run_id=int(run_id), metric=metric))
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEIGHBOUR_COLUMNS)
     return out[["run_id", "metric", *NEIGHBOUR_COLUMNS]] if frames else out
@@ -507,7 +479,7 @@ def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series,
     if (params.get("k") != k or bool(params.get("same_category")) != bool(same_category)
             or params.get("n_catalog") != len(catalog_ids) or params.get("n_queries") != len(query_ids)):
         return False
-    if metric == "minkowski" and params.get("p") is not None and float(params["p"]) != float(p):
+    if "p" in get_measure(metric).params and params.get("p") is not None and float(params["p"]) != float(p):
         return False
     stored = store.neighbours(int(run_id), metric, tag=tag)
     return bool(np.isin(stored["query_id"].unique(), query_ids).all()
@@ -529,9 +501,9 @@ def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.
     from cbir.evaluate import neighbours_from_store  # evaluate imports this module
 
     metrics = list(metrics)
-    bad = [m for m in metrics if m not in METRICS]
+    bad = [m for m in metrics if m not in MEASURES]
     if bad:
-        raise ValueError(f"unknown metric(s) {bad}; expected some of {METRICS}")
+        raise ValueError(f"unknown metric(s) {bad}; expected some of {tuple(MEASURES)}")
     q = store.ids_with_vectors(int(run_id), query_ids)
     c = store.ids_with_vectors(int(run_id), catalog_ids)
     if len(q) == 0 or len(c) == 0:

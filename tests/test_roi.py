@@ -297,3 +297,20 @@ def test_roi_grid_figure():
     assert len(fig.axes) == 4 and [a.get_title() for a in fig.axes[:3]] == ["a\nok", "b\ntoo_small", "c\nok"]
     assert "2/3 cropped, 1 whole-image" in fig.get_suptitle()
     assert len(fig.axes[0].patches) == 1
+
+
+def test_settings_object_and_keyword_overrides_agree_and_grabcut_is_deterministic():
+    from cbir.roi import RoiSettings
+
+    img = np.full((120, 100, 3), 245.0)
+    img[30:90, 25:75] = (200, 30, 40)  # a red garment on a white studio background
+    img = noisy(img, 2)
+    a = find_roi(img, RoiSettings(margin=9, close_px=7))
+    b = find_roi(img, margin=9, close_px=7)
+    assert a.box == b.box and np.array_equal(a.mask, b.mask) and not a.fallback
+    np.testing.assert_allclose(a.box, (25 - 9, 30 - 9, 75 + 9, 90 + 9), atol=1)  # within a pixel
+    assert find_roi(img, RoiSettings(margin=9, close_px=7), margin=2).box[0] - a.box[0] == 7  # an override wins
+    with pytest.raises(TypeError):
+        find_roi(img, colour_space="hsv")
+    first = [find_roi(img, grabcut=True).mask for _ in range(3)]
+    assert all(np.array_equal(first[0], m) for m in first[1:])
