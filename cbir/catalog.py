@@ -12,7 +12,10 @@ and never abort the whole catalogue. Byte-identical files share a ``dup_group``.
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
+import io
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +27,11 @@ from typing import IO, Any, Iterable
 import numpy as np
 import pandas as pd
 
-from cbir.images import IMAGE_SUFFIXES, MAX_PIXELS, check_image, read_image, border_stats
+from cbir.images import IMAGE_SUFFIXES, MAX_PIXELS, border_stats, check_file, check_image, read_image
 
 REQUIRED_COLUMNS = ("image_id", "path", "category", "subcategory")
 PROBLEM_COLUMNS = ("image_id", "path", "problem", "detail")
+SKIPPED_COLUMNS = ("path", "reason", "detail")
 KAGGLE_NON_FASHION = frozenset({"Personal Care", "Free Items", "Sporting Goods", "Home"})
 """Kaggle masterCategory values whose items are not fashion (kept as distractors, never queries)."""
 SUBCATEGORY_SOURCES = ("articleType", "subCategory")
@@ -43,6 +47,10 @@ def _empty_problems() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype="str") for c in PROBLEM_COLUMNS})
 
 
+def _empty_skipped() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="str") for c in SKIPPED_COLUMNS})
+
+
 @dataclass(eq=False)
 class Catalog:
     """A table of images.
@@ -51,13 +59,16 @@ class Catalog:
     (str), ``is_fashion`` (bool), ``product_id`` (str or NA), ``dup_group`` (first image_id of a
     group of byte-identical files, NA when unique), ``sha1``, ``width``, ``height``, ``mode``,
     ``bytes`` (after validation), optional ``split`` (``"query"``/``"catalog"``) and every input column.
-    ``problems`` lists unusable files: ``image_id, path, problem, detail``.
+    ``problems`` lists unusable files: ``image_id, path, problem, detail``. ``skipped`` lists files of
+    a folder tree that are not catalogue rows: ``path`` (relative to the root), ``reason``
+    (``unsupported_type``, ``wrong_depth`` or ``unreadable_folder``), ``detail``.
     """
 
     df: pd.DataFrame
     root: Path
     source: str
     problems: pd.DataFrame = field(default_factory=_empty_problems)
+    skipped: pd.DataFrame = field(default_factory=_empty_skipped)
 
     def __post_init__(self) -> None:
         missing = [c for c in REQUIRED_COLUMNS if c not in self.df.columns]
@@ -72,7 +83,8 @@ class Catalog:
     def __repr__(self) -> str:
         return (f"Catalog({len(self)} images, {self.df['category'].nunique()} categories, "
                 f"{self.df['subcategory'].nunique()} sub-categories, {len(self.problems)} problems, "
-                f"source={self.source!r})")
+                + (f"{len(self.skipped)} files skipped, " if len(self.skipped) else "")
+                + f"source={self.source!r})")
 
     @property
     def ids(self) -> np.ndarray:
@@ -155,31 +167,71 @@ def _lines(rows: Iterable[int]) -> str:
     return shown + (f" ... ({len(rows)} rows)" if len(rows) > _MAX_LISTED else "")
 
 
-def read_table(path: Path, *, str_columns: Iterable[str] = ()) -> tuple[pd.DataFrame, int]:
-    """Read a CSV; rows with more fields than the header (unquoted commas in the last column, as in
-    Kaggle's styles.csv) are repaired by joining the extra fields back into the last column.
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+         (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))
 
-    Returns ``(table, n_repaired_rows)``. ``str_columns`` are read as text (ids keep leading zeros).
+
+def read_text(path: Path) -> str:
+    """The text of a CSV file: UTF-8 (byte-order mark optional) or UTF-16 with a byte-order mark.
+
+    Raises CatalogError naming the file, the byte offset and the problem (save the file as UTF-8).
+    """
+    data = Path(path).read_bytes()
+    encoding, label = next(((enc, name) for bom, enc, name in _BOMS if data.startswith(bom)), ("utf-8", "UTF-8"))
+    if encoding == "utf-8" and b"\x00" in data:
+        raise CatalogError(f"{path}: NUL byte at offset {data.index(0)}: it looks like UTF-16 without a "
+                           "byte-order mark; save it as UTF-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not {label} text: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                           f"({exc.reason}); save it as UTF-8") from None
+
+
+def _rows(text: str) -> list[list[str]]:
+    """CSV records of ``text`` (quotes and line breaks inside quotes as pandas reads them)."""
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _repair(rows: list[list[str]], n: int) -> int:
+    """Join fields beyond the ``n`` header columns back into the last column (unquoted commas), in
+    place; trailing empty fields (a trailing comma) are dropped. Returns the number of rows joined."""
+    repaired = 0
+    for i, fields in enumerate(rows):
+        if len(fields) <= n:
+            continue
+        if any(f.strip() for f in fields[n:]):
+            rows[i] = fields[: n - 1] + [",".join(fields[n - 1:])]
+            repaired += 1
+        else:
+            rows[i] = fields[:n]
+    return repaired
+
+
+def read_table(path: Path, *, str_columns: Iterable[str] = (),
+               required: Iterable[str] = ()) -> tuple[pd.DataFrame, int]:
+    """Read a CSV (see :func:`read_text` for encodings); rows with more fields than the header
+    (unquoted commas in the last column, as in Kaggle's styles.csv) are repaired by joining the extra
+    fields back into the last column, whichever row they are in.
+
+    Returns ``(table, n_repaired_rows)``. ``str_columns`` are read as text (ids keep leading zeros);
+    ``required`` names the expected columns in the message for an empty file.
     """
     path = Path(path)
-    try:
-        header = list(pd.read_csv(path, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise CatalogError(f"{path}: empty file, expected a CSV header") from None
+    text = read_text(path)
+    rows = _rows(text)
+    if not rows or not any(f.strip() for f in rows[0]):
+        raise CatalogError(f"{path}: empty file, expected a header row with columns {', '.join(required)}")
+    header = rows[0]
+    changed = any(len(r) > len(header) for r in rows)
+    repaired = _repair(rows, len(header))
+    if changed:
+        buffer = io.StringIO(newline="")
+        csv.writer(buffer, lineterminator="\n").writerows(rows)
+        text = buffer.getvalue()
     dtype = {c: str for c in str_columns if c in header}
-    try:
-        return pd.read_csv(path, dtype=dtype), 0
-    except pd.errors.ParserError:
-        pass
-    n = len(header)
-    repaired: list[int] = []
-
-    def join_extra(fields: list[str]) -> list[str]:
-        repaired.append(1)
-        return fields[: n - 1] + [",".join(fields[n - 1:])]
-
-    table = pd.read_csv(path, dtype=dtype, engine="python", on_bad_lines=join_extra)
-    return table, len(repaired)
+    # index_col=False: never take leading columns as the index when a row has more fields
+    return pd.read_csv(io.StringIO(text), dtype=dtype, index_col=False), repaired
 
 
 def _require_columns(table: pd.DataFrame, columns: Iterable[str], file: Path) -> None:
@@ -220,14 +272,21 @@ def _parse_bool(series: pd.Series, column: str, file: Path) -> pd.Series:
     return parsed.astype(bool)
 
 
-def _stem_ids(relative: pd.Series) -> pd.Series:
-    """File stems as ids; the path without suffix where stems collide; '~k' suffixes as last resort."""
-    stems = relative.map(lambda p: Path(p).stem)
-    if not stems.duplicated().any():
-        return stems
-    ids = relative.map(lambda p: Path(p).with_suffix("").as_posix())
+def _without_suffix(path: str) -> str:
+    return os.path.splitext(Path(path).as_posix())[0]
+
+
+def _stable_ids(keys: pd.Series, relative: pd.Series) -> pd.Series:
+    """``keys`` (file stems or product ids) as ids; rows whose key collides get their relative path
+    without suffix, '~k' suffixes as last resort. A row's id depends only on the rows sharing its key,
+    so adding rows never renames the others."""
+    ids = keys.where(~keys.duplicated(keep=False), relative.map(_without_suffix))
     counter = ids.groupby(ids).cumcount()
     return ids.where(counter == 0, ids + "~" + (counter + 1).astype("str"))
+
+
+def _stems(relative: pd.Series) -> pd.Series:
+    return relative.map(lambda p: Path(p).stem)
 
 
 def _resolve_paths(relative: pd.Series, root: Path) -> tuple[pd.Series, np.ndarray]:
@@ -239,8 +298,15 @@ def _resolve_paths(relative: pd.Series, root: Path) -> tuple[pd.Series, np.ndarr
     return absolute, ~inside.to_numpy(dtype=bool)
 
 
+def _linked_outside(paths: pd.Series, root: Path) -> np.ndarray:
+    """True where a path's real location (symlinks resolved) is not under the real ``root``."""
+    real_root = os.path.join(os.path.realpath(root), "")
+    return ~paths.map(lambda p: os.path.realpath(p).startswith(real_root)).to_numpy(dtype=bool)
+
+
 def _from_manifest(file: Path) -> tuple[pd.DataFrame, Path, np.ndarray]:
-    table, _ = read_table(file, str_columns=("image", "category", "subcategory", "image_id", "product_id"))
+    table, _ = read_table(file, str_columns=("image", "category", "subcategory", "image_id", "product_id"),
+                          required=("image", "category", "subcategory"))
     _require_columns(table, ("image", "category", "subcategory"), file)
     _require_values(table, ("image", "category", "subcategory"), file)
     root = file.parent
@@ -248,11 +314,12 @@ def _from_manifest(file: Path) -> tuple[pd.DataFrame, Path, np.ndarray]:
         _require_values(table, ("image_id",), file)
         _unique_ids(table, "image_id", file)
         ids = table["image_id"]
-    elif ("product_id" in table.columns and table["product_id"].notna().all()
-          and not table["product_id"].str.strip().duplicated().any()):
-        ids = table["product_id"].str.strip()
+    elif "product_id" in table.columns:
+        product = table["product_id"].str.strip()
+        has_product = product.notna() & (product != "")
+        ids = _stable_ids(product.where(has_product, _stems(table["image"])), table["image"])
     else:
-        ids = _stem_ids(table["image"])
+        ids = _stable_ids(_stems(table["image"]), table["image"])
     paths, outside = _resolve_paths(table["image"], root)
     df = table.drop(columns=[c for c in ("image_id", "path") if c in table.columns])
     df.insert(0, "image_id", ids.astype("str"))
@@ -267,7 +334,8 @@ def _from_manifest(file: Path) -> tuple[pd.DataFrame, Path, np.ndarray]:
 def _from_kaggle(file: Path, subcategory_from: str) -> tuple[pd.DataFrame, Path, np.ndarray]:
     if subcategory_from not in SUBCATEGORY_SOURCES:
         raise ValueError(f"subcategory_from must be one of {SUBCATEGORY_SOURCES}, got {subcategory_from!r}")
-    table, _ = read_table(file, str_columns=("id", "masterCategory", "subCategory", "articleType"))
+    table, _ = read_table(file, str_columns=("id", "masterCategory", "subCategory", "articleType"),
+                          required=("id", "masterCategory", subcategory_from))
     _require_columns(table, ("id", "masterCategory", subcategory_from), file)
     _require_values(table, ("id", "masterCategory", subcategory_from), file)
     _unique_ids(table, "id", file)
@@ -286,31 +354,66 @@ def _from_kaggle(file: Path, subcategory_from: str) -> tuple[pd.DataFrame, Path,
     return df, root, np.zeros(len(df), dtype=bool)
 
 
-def _from_folder(root: Path) -> tuple[pd.DataFrame, Path, np.ndarray]:
-    files = sorted(p for p in root.glob("*/*/*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in
-                                                                     p.relative_to(root).parts)
-                   and not p.is_dir())
+def _scan_folder(root: Path) -> tuple[list[Path], list[tuple[str, str, str]]]:
+    """Files at ``<category>/<subcategory>/<file>`` with an image suffix, and (path, reason, detail)
+    of every other non-hidden file. Linked folders are followed only down to the sub-category level."""
+    used: list[Path] = []
+    skipped: list[tuple[str, str, str]] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as exc:
+            skipped.append((folder.relative_to(root).as_posix(), "unreadable_folder", exc.strerror or str(exc)))
+            return
+        for entry in entries:
+            relative = entry.relative_to(root).as_posix()
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if depth < 3 or not entry.is_symlink():
+                    visit(entry, depth + 1)
+                else:
+                    skipped.append((relative, "wrong_depth", "a linked folder inside a sub-category, not followed"))
+            elif entry.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((relative, "unsupported_type",
+                                f"{entry.suffix.lower() or 'no suffix'} is not one of {', '.join(IMAGE_SUFFIXES)}"))
+            elif depth != 3:
+                skipped.append((relative, "wrong_depth", f"expected <category>/<subcategory>/<file>, found "
+                                                         f"{depth} level{'s' if depth != 1 else ''}"))
+            else:
+                used.append(entry)
+
+    visit(root, 1)
+    return used, skipped
+
+
+def _from_folder(root: Path) -> tuple[pd.DataFrame, Path, np.ndarray, pd.DataFrame]:
+    files, skipped = _scan_folder(root)
     if not files:
         raise CatalogError(f"{root}: no manifest.csv, no styles.csv and no images under "
-                           f"<category>/<subcategory>/*{{{','.join(IMAGE_SUFFIXES)}}}")
+                           f"<category>/<subcategory>/*{{{','.join(IMAGE_SUFFIXES)}}}"
+                           + (f" ({len(skipped)} other files skipped)" if skipped else ""))
+    files = sorted(files)
     relative = pd.Series([p.relative_to(root).as_posix() for p in files], dtype="str")
     df = pd.DataFrame({
-        "image_id": _stem_ids(relative),
+        "image_id": _stable_ids(_stems(relative), relative),
         "path": [os.path.normpath(p.absolute()) for p in files],
         "category": [p.parent.parent.name for p in files],
         "subcategory": [p.parent.name for p in files],
         "is_fashion": True,
         "image": relative,
     })
-    return df, root, np.zeros(len(df), dtype=bool)
+    table = (pd.DataFrame(sorted(skipped), columns=list(SKIPPED_COLUMNS)).astype("str") if skipped
+             else _empty_skipped())
+    return df, root, np.zeros(len(df), dtype=bool), table
 
 
 def detect_source(path: str | os.PathLike) -> tuple[str, Path]:
     """The layout of ``path`` (``manifest``, ``kaggle`` or ``folder``) and the file or folder to read."""
     path = Path(path)
     if path.is_file():
-        columns = list(pd.read_csv(path, nrows=0).columns) if path.suffix.lower() == ".csv" else []
+        columns = next(iter(_rows(read_text(path))), []) if path.suffix.lower() == ".csv" else []
         if "masterCategory" in columns or (path.name == "styles.csv" and "image" not in columns):
             return "kaggle", path
         if path.suffix.lower() != ".csv":
@@ -346,18 +449,9 @@ def _validate(df: pd.DataFrame, todo: np.ndarray, *, workers: int, max_pixels: i
 
 
 def _stat(df: pd.DataFrame, todo: np.ndarray) -> list[dict[str, Any]]:
-    """Cheap checks without decoding: missing and zero-byte files."""
-    problems = []
-    for row in np.flatnonzero(todo):
-        path = df["path"].iat[row]
-        try:
-            size = os.stat(path).st_size
-        except OSError:
-            problems.append({"row": row, "problem": "missing", "detail": "no such file"})
-            continue
-        if size == 0:
-            problems.append({"row": row, "problem": "empty", "detail": "0 bytes"})
-    return problems
+    """Cheap checks without opening a file: missing, not a regular file, too large, zero bytes."""
+    checks = ((row, check_file(df["path"].iat[row])) for row in np.flatnonzero(todo))
+    return [{"row": row, "problem": problem, "detail": detail} for row, (problem, detail) in checks if problem]
 
 
 def _duplicate_groups(df: pd.DataFrame, usable: np.ndarray) -> pd.Series:
@@ -379,19 +473,23 @@ def load_catalog(path: str | os.PathLike, *, subcategory_from: str = "articleTyp
 
     ``subcategory_from`` (Kaggle only): ``"articleType"`` or ``"subCategory"``. ``validate`` decodes
     every image (thread pool of ``workers``) and records width, height, mode, bytes and sha1; without
-    it only missing and empty files are detected (``sha1`` from the input is used for duplicates).
-    Bad rows go to ``Catalog.problems`` (``missing``, ``empty``, ``not_an_image``, ``truncated``,
-    ``corrupt``, ``too_large``, ``unsupported_mode``, ``outside_root``); duplicates get ``dup_group``.
-    Raises :class:`CatalogError` for missing columns, empty labels or duplicate ids,
-    FileNotFoundError when ``path`` does not exist.
+    it only the file type and size are checked, nothing is opened (``sha1`` from the input is used for
+    duplicates). Bad rows go to ``Catalog.problems`` (``missing``, ``empty``, ``not_a_file``,
+    ``not_an_image``, ``truncated``, ``corrupt``, ``too_large``, ``unsupported_mode``, ``outside_root``:
+    the real path, symlinks resolved, is outside the root; such files are never opened); duplicates get
+    ``dup_group``. A folder tree's other files are listed in ``Catalog.skipped``. Ids are stable:
+    a row's id changes only when a row sharing its stem (or product id) is added.
+    Raises :class:`CatalogError` for an unreadable CSV (encoding, empty file), missing columns, empty
+    labels or duplicate ids, FileNotFoundError when ``path`` does not exist.
     """
     source, target = detect_source(path)
+    skipped = _empty_skipped()
     if source == "manifest":
         df, root, outside = _from_manifest(target)
     elif source == "kaggle":
         df, root, outside = _from_kaggle(target, subcategory_from)
     else:
-        df, root, outside = _from_folder(target)
+        df, root, outside, skipped = _from_folder(target)
     df = df.reset_index(drop=True)
     for column in ("image_id", "category", "subcategory"):
         df[column] = df[column].astype("str")
@@ -401,10 +499,12 @@ def load_catalog(path: str | os.PathLike, *, subcategory_from: str = "articleTyp
         df["product_id"] = pd.Series(np.nan, index=df.index, dtype="str")
     df["is_fashion"] = df["is_fashion"].astype(bool)
 
+    linked = _linked_outside(df["path"], root) & ~outside
+    name = df["image"] if "image" in df else df["path"]
     problems = [{"row": row, "problem": "outside_root",
-                 "detail": f"{df['image'].iat[row] if 'image' in df else df['path'].iat[row]} is outside {root}"}
-                for row in np.flatnonzero(outside)]
-    todo = ~outside
+                 "detail": f"{name.iat[row]} is {'a link to a file ' if linked[row] else ''}outside {root}"}
+                for row in np.flatnonzero(outside | linked)]
+    todo = ~(outside | linked)
     if validate:
         info, found = _validate(df, todo, workers=workers, max_pixels=max_pixels, progress=progress)
         for column in info.columns:
@@ -431,7 +531,7 @@ def load_catalog(path: str | os.PathLike, *, subcategory_from: str = "articleTyp
         "problem": [p["problem"] for p in problems],
         "detail": [p["detail"] for p in problems],
     }).astype("str") if problems else _empty_problems()
-    return Catalog(df=df, root=Path(root).absolute(), source=source, problems=table)
+    return Catalog(df=df, root=Path(root).absolute(), source=source, problems=table, skipped=skipped)
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -458,7 +558,8 @@ def check_catalog_report(path: str | os.PathLike, *, subcategory_from: str = "ar
     print(f"catalogue {catalog.root} ({catalog.source}): {len(df)} images, {n_usable} usable "
           f"({int(fashion.sum())} fashion, {n_usable - int(fashion.sum())} non-fashion distractors), "
           f"{len(catalog.problems)} problems, {dups['dup_group'].nunique()} duplicate groups "
-          f"({len(dups)} images)", file=out)
+          f"({len(dups)} images)" + (f", {len(catalog.skipped)} files skipped" if len(catalog.skipped) else ""),
+          file=out)
     per_category = summary.groupby("category").agg(
         n_images=("n_images", "sum"), n_usable=("n_usable", "sum"), n_fashion=("n_fashion", "sum"),
         n_subcategories=("subcategory", "size"))
@@ -474,6 +575,11 @@ def check_catalog_report(path: str | os.PathLike, *, subcategory_from: str = "ar
             print(catalog.problems.to_string(index=False), file=out)
         else:
             print("  none", file=out)
+        if len(catalog.skipped):
+            counts = catalog.skipped["reason"].value_counts()
+            print(f"\nskipped files ({len(catalog.skipped)}): " + ", ".join(f"{k}: {v}" for k, v in counts.items()),
+                  file=out)
+            print(catalog.skipped.to_string(index=False), file=out)
         groups = dups.groupby("dup_group", sort=False).agg(
             n=("image_id", "size"), image_ids=("image_id", " ".join),
             subcategories=("subcategory", lambda s: " | ".join(pd.unique(s))))

@@ -5,10 +5,11 @@ returns a half-decoded image. Imports nothing of cbir.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
-from pathlib import Path
+import stat
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,11 @@ MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 """File name endings (lower case) treated as images when scanning folders."""
 
-REASONS = ("missing", "empty", "not_an_image", "truncated", "corrupt", "too_large", "unsupported_mode")
+MAX_FILE_BYTES = 64 * 1024 * 1024
+"""Files larger than this (bytes, from ``fstat`` before reading) are refused unread."""
+
+REASONS = ("missing", "empty", "not_a_file", "not_an_image", "truncated", "corrupt", "too_large",
+           "unsupported_mode")
 
 Size = int | tuple[int, int] | None
 
@@ -50,12 +55,12 @@ def _open(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageError(name, "too_large", str(exc)) from None
     except UnidentifiedImageError:
-        head = data[:16]
+        head = data[:64]
         magic = next((fmt for sig, fmt in _MAGIC if data.startswith(sig)), None)
         if magic is not None:
             raise ImageError(name, "corrupt", f"{magic} signature but unreadable header") from None
         kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "unknown bytes"
-        raise ImageError(name, "not_an_image", f"{kind}, starts with {head!r}") from None
+        raise ImageError(name, "not_an_image", f"{kind}, {len(data):,} bytes") from None  # never the content
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "truncated" if "truncat" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
         raise ImageError(name, reason, f"header: {exc}") from None
@@ -122,15 +127,80 @@ def _decode(data: bytes, name: str, size: Size, max_pixels: int | None) -> tuple
     return array, mode
 
 
-def _read_bytes(path: str | os.PathLike) -> bytes:
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _stat_problem(info: os.stat_result, limit: int) -> tuple[str, str] | None:
+    """(reason, detail) when ``info`` is not a regular file of 1..``limit`` bytes, else None."""
+    if not stat.S_ISREG(info.st_mode):
+        return "not_a_file", f"{_kind(info.st_mode)}, not a regular file"
+    if info.st_size > limit:
+        return "too_large", f"{info.st_size:,} bytes > {limit:,}"
+    if info.st_size == 0:
+        return "empty", "0 bytes"
+    return None
+
+
+def check_file(path: str | os.PathLike, *, max_bytes: int | None = None) -> tuple[str | None, str]:
+    """Cheap check without opening the file (``os.stat``, symlinks followed): ``(reason, detail)``,
+    reason None for a regular file of 1 to ``max_bytes`` (default :data:`MAX_FILE_BYTES`) bytes, else
+    ``missing``, ``not_a_file``, ``too_large`` or ``empty``."""
     try:
-        return Path(path).read_bytes()
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing", "no such file"
+    except OSError as exc:
+        return "missing", f"cannot read: {exc.strerror or exc}"
+    return _stat_problem(info, MAX_FILE_BYTES if max_bytes is None else int(max_bytes)) or (None, "")
+
+
+def read_file_bytes(path: str | os.PathLike, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file (symlinks followed), at most ``max_bytes`` (default :data:`MAX_FILE_BYTES`).
+
+    Opened non-blocking so a FIFO cannot hang; the type and size come from ``fstat`` on the open
+    descriptor before anything is read. Raises :class:`ImageError`: ``missing`` (no such file or
+    unreadable), ``not_a_file`` (directory, FIFO, device, socket), ``too_large``, ``empty`` (0 bytes).
+    """
+    limit = MAX_FILE_BYTES if max_bytes is None else int(max_bytes)
+    try:
+        fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageError(path, "missing", "no such file") from None
-    except IsADirectoryError:
-        raise ImageError(path, "missing", "is a directory") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket, a device without driver
+            raise ImageError(path, "not_a_file", f"cannot be opened as a file: {exc.strerror}") from None
+        raise ImageError(path, "missing", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        problem = _stat_problem(os.fstat(fd), limit)
+        if problem is not None:
+            raise ImageError(path, *problem)
+        data = _read_at_most(fd, limit + 1)
     except OSError as exc:
         raise ImageError(path, "missing", f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ImageError(path, "too_large", f"more than {limit:,} bytes (the file grew while read)")
+    if not data:
+        raise ImageError(path, "empty", "0 bytes (the file shrank while read)")
+    return data
+
+
+def _read_at_most(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``fd`` (several reads: a read may return fewer bytes than asked)."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def decode_bytes(data: bytes, *, size: Size = None, name: str = "<upload>",
@@ -145,10 +215,11 @@ def read_image(path: str | os.PathLike, *, size: Size = None, max_pixels: int | 
     L, LA, P, PA, CMYK, RGBA (composited on white), I;16 / I (16-bit, scaled to 8-bit) are converted
     to RGB; EXIF orientation is applied. ``size`` resizes (bilinear) to ``size x size`` or ``(w, h)``.
     The header size is checked against ``max_pixels`` before any pixel is decoded.
-    Raises :class:`ImageError` (reason ``missing``, ``empty``, ``not_an_image``, ``truncated``,
-    ``corrupt``, ``too_large`` or ``unsupported_mode``) for every bad file.
+    Only regular files up to :data:`MAX_FILE_BYTES` are read (:func:`read_file_bytes`).
+    Raises :class:`ImageError` (reason ``missing``, ``empty``, ``not_a_file``, ``not_an_image``,
+    ``truncated``, ``corrupt``, ``too_large`` or ``unsupported_mode``) for every bad file.
     """
-    return _decode(_read_bytes(path), str(path), size, max_pixels)[0]
+    return _decode(read_file_bytes(path), str(path), size, max_pixels)[0]
 
 
 def border_stats(image: np.ndarray, *, border: int = 1, white_threshold: int = 240) -> dict[str, float]:
@@ -175,20 +246,30 @@ def border_stats(image: np.ndarray, *, border: int = 1, white_threshold: int = 2
     }
 
 
+def _size(path: str | os.PathLike) -> int | None:
+    """Size in bytes of a regular file (symlinks followed), None otherwise; never opens the file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return int(info.st_size) if stat.S_ISREG(info.st_mode) else None
+
+
 def check_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS, *,
                 border: int | None = None) -> tuple[str | None, dict[str, Any]]:
     """Validate one file by a full decode.
 
     Returns ``(problem, info)``: ``problem`` is None or an :class:`ImageError` reason; ``info`` has
     ``width``, ``height`` (pixels, from the header when known), ``mode`` (PIL mode before conversion),
-    ``bytes`` (file size), ``sha1`` (hex digest of the file bytes) and ``detail`` (the error text).
+    ``bytes`` (file size, also for a refused file), ``sha1`` (hex digest of the file bytes) and
+    ``detail`` (the error text, never file content).
     With ``border`` set, :func:`border_stats` of the decoded image are added to ``info``.
     The file is read once; never raises for a bad image.
     """
     info: dict[str, Any] = {"width": None, "height": None, "mode": None, "bytes": None, "sha1": None, "detail": ""}
     try:
-        data = _read_bytes(path)
-        info["bytes"] = len(data)
+        info["bytes"] = _size(path)
+        data = read_file_bytes(path)
         info["sha1"] = hashlib.sha1(data).hexdigest()
         array, mode = _decode(data, str(path), None, max_pixels)
     except ImageError as exc:

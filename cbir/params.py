@@ -38,11 +38,40 @@ class ParamsError(ValueError):
     """A params file or override is unusable; the message names the file (or ``-p``) and the key."""
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: object, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r} on lines {first} and {second}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (instead of keeping the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader itself reports it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that raises on duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_load(path.read_text(encoding="utf-8"))
+    except _DuplicateKeyError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -183,7 +212,7 @@ def _absolute(value: str, base: Path) -> str:
 def parse_override(name: str, value: str) -> Any:
     """One ``-p NAME VALUE`` pair: VALUE is a YAML literal (``5``, ``true``, ``null``, ``[a, b]``)."""
     try:
-        return yaml.safe_load(value)
+        return _safe_load(value)
     except yaml.YAMLError as exc:
         raise ParamsError(f"-p {name}: value {value!r} is not a YAML literal: {exc}") from exc
 

@@ -208,6 +208,86 @@ def execute_notebook(source: Path, output: Path, parameters: Mapping[str, Any], 
                                cwd=str(source.parent), kernel_name=kernel_name, progress_bar=False)
 
 
+def _plan(params: Mapping[str, Any], params_file: Path, notebooks_dir: Path,
+          only: Iterable[str] | None) -> list[tuple[str, Path | None]] | None:
+    """The notebooks to run, or None (after printing why) when this run cannot start."""
+    name = params["name"]
+    missing = missing_paths(params)
+    if missing:  # this run cannot start; the next params file still runs
+        _log(f"[{name}] error: {params_file}: {'; '.join(missing)}")
+        return None
+    plan = select_notebooks(find_notebooks(notebooks_dir), params["notebooks"], only)
+    absent = [p for p, path in plan if path is None]
+    if only and absent:
+        _log(f"[{name}] error: no notebook {', '.join(f'{p}_*.ipynb' for p in absent)} in {notebooks_dir}")
+        return None
+    return plan
+
+
+def _start_record(out_dir: Path, params: Mapping[str, Any], params_file: Path,
+                  overrides: Mapping[str, Any] | None, root: str | Path) -> dict[str, Any]:
+    """Create the output folders and mark the run as running in ``run.json`` (earlier notebook records kept)."""
+    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    Path(params["store"]).parent.mkdir(parents=True, exist_ok=True)
+    record = read_run_json(out_dir)
+    record.update({
+        "name": params["name"],
+        "params_file": str(params_file.resolve()),
+        "overrides": {k: str(v) for k, v in (overrides or {}).items()},
+        "parameters": dict(params),
+        "versions": library_versions(),
+        "git": git_state(root),
+        "host": platform.node(),
+        "started": _now(),
+        "finished": None,
+        "status": "running",
+        "notebooks": dict(record.get("notebooks", {})),
+    })
+    write_run_json(out_dir, record)
+    return record
+
+
+def _notebook_key(source: Path, all_params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The parameters injected into ``source`` (those its parameters cell declares) and the skip key."""
+    declared = declared_parameters(source)
+    injected = {k: v for k, v in all_params.items() if declared is None or k in declared}
+    return injected, {"params_sha1": _digest(injected), "source_sha1": notebook_source_digest(source)}
+
+
+def _run_notebook(record: dict[str, Any], out_dir: Path, source: Path, injected: Mapping[str, Any],
+                  key: Mapping[str, str], kernel_name: str) -> bool:
+    """Execute one notebook, recording it in ``run.json``; False (after printing where) when it failed.
+
+    Ctrl-C marks the notebook and the run ``interrupted`` and propagates.
+    """
+    name = record["name"]
+    output = out_dir / source.name
+    entry: dict[str, Any] = {"status": "running", "notebook": source.name, "output": str(output),
+                             "started": _now(), **key, "parameters": sorted(injected)}
+    record["notebooks"][source.stem] = entry
+    write_run_json(out_dir, record)
+    _log(f"[{name}] {source.stem} ...")
+    t0 = time.perf_counter()
+    try:
+        execute_notebook(source, output, injected, kernel_name=kernel_name)
+    except KeyboardInterrupt:
+        entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2), finished=_now())
+        record.update(status="interrupted", finished=_now())
+        write_run_json(out_dir, record)
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure stops this run only
+        error = _failure(exc, source)
+        entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2), finished=_now(), error=error)
+        _log(f"[{name}] {_describe_failure(source.name, error)}")
+        _log(f"[{name}] the executed notebook with the error is {output}; later notebooks not run")
+        return False
+    entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2), finished=_now())
+    write_run_json(out_dir, record)
+    _log(f"[{name}] {source.stem} ok ({entry['seconds']:.1f} s)")
+    return True
+
+
 def run_params(
     params_file: str | Path,
     *,
@@ -229,40 +309,14 @@ def run_params(
     """
     params_file = Path(params_file)
     params = load_params(params_file, overrides, defaults=defaults, root=root)
-    name = params["name"]
-    missing = missing_paths(params)
-    if missing:  # this run cannot start; the next params file still runs
-        _log(f"[{name}] error: {params_file}: {'; '.join(missing)}")
-        return False
-    out_dir = Path(params["out_dir"])
+    name, out_dir = params["name"], Path(params["out_dir"])
     notebooks_dir = Path(notebooks_dir if notebooks_dir is not None else NOTEBOOKS_DIR)
-    plan = select_notebooks(find_notebooks(notebooks_dir), params["notebooks"], only)
-    if only and any(path is None for _, path in plan):
-        absent = [p for p, path in plan if path is None]
-        _log(f"[{name}] error: no notebook {', '.join(f'{p}_*.ipynb' for p in absent)} in {notebooks_dir}")
+    plan = _plan(params, params_file, notebooks_dir, only)
+    if plan is None:
         return False
     ensure_kernel(kernel_name)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # kernels inherit it: no TensorFlow INFO noise
-    (out_dir / "tables").mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    Path(params["store"]).parent.mkdir(parents=True, exist_ok=True)
-
-    record = read_run_json(out_dir)
-    notebook_records: dict[str, Any] = dict(record.get("notebooks", {}))
-    record.update({
-        "name": name,
-        "params_file": str(params_file.resolve()),
-        "overrides": {k: str(v) for k, v in (overrides or {}).items()},
-        "parameters": params,
-        "versions": library_versions(),
-        "git": git_state(root),
-        "host": platform.node(),
-        "started": _now(),
-        "finished": None,
-        "status": "running",
-        "notebooks": notebook_records,
-    })
-    write_run_json(out_dir, record)
+    record = _start_record(out_dir, params, params_file, overrides, root)
     all_params = notebook_parameters(params)
     _log(f"[{name}] {len(plan)} notebook(s) -> {out_dir}")
     t_run = time.perf_counter()
@@ -271,44 +325,19 @@ def run_params(
     for prefix, source in plan:
         if source is None:
             _log(f"[{name}] {prefix}: no notebook {prefix}_*.ipynb in {notebooks_dir}; skipped")
-            notebook_records[prefix] = {"status": "missing"}
+            record["notebooks"][prefix] = {"status": "missing"}
             continue
-        declared = declared_parameters(source)
-        injected = {k: v for k, v in all_params.items() if declared is None or k in declared}
-        key = {"params_sha1": _digest(injected), "source_sha1": notebook_source_digest(source)}
-        output = out_dir / source.name
-        previous = notebook_records.get(source.stem, {})
-        if (not force and not upstream_ran and previous.get("status") == "ok" and output.is_file()
+        injected, key = _notebook_key(source, all_params)
+        previous = record["notebooks"].get(source.stem, {})
+        if (not force and not upstream_ran and previous.get("status") == "ok" and (out_dir / source.name).is_file()
                 and all(previous.get(k) == v for k, v in key.items())):
             _log(f"[{name}] {source.stem}: done before with the same parameters; skipped (--force reruns)")
             continue
-        entry: dict[str, Any] = {"status": "running", "notebook": source.name, "output": str(output),
-                                 "started": _now(), **key, "parameters": sorted(injected)}
-        notebook_records[source.stem] = entry
-        write_run_json(out_dir, record)
-        _log(f"[{name}] {source.stem} ...")
         upstream_ran = True
-        t0 = time.perf_counter()
-        try:
-            execute_notebook(source, output, injected, kernel_name=kernel_name)
-        except KeyboardInterrupt:
-            entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2), finished=_now())
-            record.update(status="interrupted", finished=_now())
-            write_run_json(out_dir, record)
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure stops this run only
-            error = _failure(exc, source)
-            entry.update(status="failed", seconds=round(time.perf_counter() - t0, 2), finished=_now(),
-                         error=error)
-            _log(f"[{name}] {_describe_failure(source.name, error)}")
-            _log(f"[{name}] the executed notebook with the error is {output}; later notebooks not run")
-            ok = False
+        ok = _run_notebook(record, out_dir, source, injected, key, kernel_name)
+        if not ok:
             break
-        entry.update(status="ok", seconds=round(time.perf_counter() - t0, 2), finished=_now())
-        write_run_json(out_dir, record)
-        _log(f"[{name}] {source.stem} ok ({entry['seconds']:.1f} s)")
-    record.update(status="ok" if ok else "failed", finished=_now(),
-                  seconds=round(time.perf_counter() - t_run, 2))
+    record.update(status="ok" if ok else "failed", finished=_now(), seconds=round(time.perf_counter() - t_run, 2))
     write_run_json(out_dir, record)
     _log(f"[{name}] {'done' if ok else 'FAILED'}: {out_dir / RUN_JSON}")
     return ok

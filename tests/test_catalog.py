@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image, features
 
+import cbir.images
 from cbir.catalog import (Catalog, CatalogError, background_stats, check_catalog_report, cross_validation_folds,
                           load_catalog, read_table, split_queries)
 
@@ -48,6 +51,25 @@ def _png_bomb(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+
+def _within(seconds: float, func, *args, **kwargs):
+    """``func(*args, **kwargs)`` in a daemon thread; fails (instead of hanging) after ``seconds``."""
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["value"] = func(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"{getattr(func, '__name__', func)} still running after {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _manifest(root: Path, rows: list[tuple], columns: tuple[str, ...] = ("image", "category", "subcategory")) -> Path:
@@ -225,6 +247,159 @@ def test_cli_catalog_check(bad_catalog: tuple[Path, dict[str, str]], capsys: pyt
     assert "counts per sub-category" in capsys.readouterr().out
 
 
+def test_fifo_directory_and_huge_file_are_problems_not_hangs(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "shop"
+    _photo(root / "images" / "ok.jpg", 1)
+    big = _photo(root / "images" / "big.jpg", 2, size=(120, 100))
+    os.mkfifo(root / "images" / "x.jpg")  # no writer: a blocking open hangs forever
+    (root / "images" / "d.jpg").mkdir()
+    manifest = _manifest(root, [(f"images/{n}.jpg", "A", "a") for n in ("ok", "x", "d", "big")])
+    monkeypatch.setattr(cbir.images, "MAX_FILE_BYTES", big.stat().st_size - 1)
+    expected = {"x": "not_a_file", "d": "not_a_file", "big": "too_large"}
+    for validate in (True, False):
+        catalog = _within(10, load_catalog, manifest, validate=validate, progress=False)
+        assert dict(zip(catalog.problems["image_id"], catalog.problems["problem"])) == expected
+        details = dict(zip(catalog.problems["image_id"], catalog.problems["detail"]))
+        assert "FIFO" in details["x"] and "directory" in details["d"]
+        assert details["big"] == f"{big.stat().st_size:,} bytes > {big.stat().st_size - 1:,}"
+    out = io.StringIO()
+    assert _within(10, check_catalog_report, manifest, out=out) == 0
+    assert "not_a_file: 2" in out.getvalue() and "1 usable" in out.getvalue()
+
+
+def test_symlinks_out_of_the_root_are_refused_unread(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:TOPSECRET:0:0\n")
+    outside = tmp_path / "elsewhere"
+    _photo(outside / "Tees" / "o.jpg", 3)
+    root = tmp_path / "shop"
+    img = root / "images"
+    _photo(img / "ok.jpg", 1)
+    (img / "inside.jpg").symlink_to(img / "ok.jpg")  # a link that stays inside the root is fine
+    (img / "leak.jpg").symlink_to(secret)
+    (img / "out.jpg").symlink_to(outside / "Tees" / "o.jpg")
+    (img / "rootlink").symlink_to("/")
+    (img / "zero.jpg").symlink_to("/dev/zero")  # outside the root: never opened
+    (img / "text.jpg").write_text("password=TOPSECRET\n")  # inside, not an image: content never copied
+    names = ["images/ok.jpg", "images/inside.jpg", "images/leak.jpg", "images/out.jpg",
+             f"images/rootlink{secret}", "images/zero.jpg", "images/text.jpg"]
+    manifest = _manifest(root, [(n, "A", "a", f"r{i}") for i, n in enumerate(names)],
+                         ("image", "category", "subcategory", "image_id"))
+    expected = {"r2": "outside_root", "r3": "outside_root", "r4": "outside_root", "r5": "outside_root",
+                "r6": "not_an_image"}
+    for validate in (True, False):
+        catalog = _within(10, load_catalog, manifest, validate=validate, progress=False)
+        got = dict(zip(catalog.problems["image_id"], catalog.problems["problem"]))
+        assert got == (expected if validate else {k: v for k, v in expected.items() if k != "r6"})
+    assert catalog.problems.set_index("image_id").loc["r2", "detail"] == f"images/leak.jpg is a link to a file " \
+        f"outside {root}"
+    out = io.StringIO()
+    check_catalog_report(manifest, out=out)
+    assert "TOPSECRET" not in out.getvalue() and "outside_root: 4" in out.getvalue()
+    # folder tree with a linked sub-category folder, Kaggle layout with a linked image
+    tree = tmp_path / "tree"
+    _photo(tree / "Tops" / "Shirts" / "s.jpg", 4)
+    (tree / "Tops" / "Tees").symlink_to(outside / "Tees", target_is_directory=True)
+    catalog = load_catalog(tree, progress=False)
+    assert catalog.problems[["image_id", "problem"]].values.tolist() == [["o", "outside_root"]]
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "images").mkdir(parents=True)
+    (kaggle / "styles.csv").write_text(STYLES)
+    (kaggle / "images" / "1.jpg").symlink_to(secret)
+    catalog = load_catalog(kaggle, progress=False)
+    assert catalog.problems.set_index("image_id").loc["1", "problem"] == "outside_root"
+
+
+def test_ids_stable_when_a_duplicate_stem_is_added(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    rows = [(f"images/{n}.jpg", "A", "a") for n in range(10000, 10025)]
+    before = load_catalog(_manifest(root, rows), validate=False).ids.tolist()
+    assert before == [str(n) for n in range(10000, 10025)]
+    after = load_catalog(_manifest(root, rows + [("extra/10003.jpg", "A", "a")]), validate=False).ids.tolist()
+    assert after[:3] == before[:3] and after[4:25] == before[4:]  # no other id changes
+    assert (after[3], after[25]) == ("images/10003", "extra/10003")
+    assert len(set(after)) == 26
+    # same rule for product ids: only the two rows sharing a product id change
+    columns = ("image", "category", "subcategory", "product_id")
+    with_pid = [r + (f"p{i}",) for i, r in enumerate(rows)]
+    ids = load_catalog(_manifest(root, with_pid + [("extra/x.jpg", "A", "a", "p7")], columns),
+                       validate=False).ids.tolist()
+    assert ids[:7] + ids[8:25] == [f"p{i}" for i in range(25) if i != 7]
+    assert (ids[7], ids[25]) == ("images/10007", "extra/x")
+    # a row without product id falls back to its stem, the others keep theirs
+    ids = load_catalog(_manifest(root, with_pid + [("extra/y.jpg", "A", "a", None)], columns),
+                       validate=False).ids.tolist()
+    assert ids == [f"p{i}" for i in range(25)] + ["y"]
+
+
+def _bad_first_row(text: str, line: int) -> str:
+    """``text`` with data line ``line`` (1-based, after the header) moved to the top."""
+    header, *rows = text.splitlines()
+    return "\n".join([header, rows[line - 1]] + rows[: line - 1] + rows[line:]) + "\n"
+
+
+def test_unquoted_comma_repair_when_the_first_row_is_bad(tmp_path: Path) -> None:
+    root = tmp_path / "k"
+    root.mkdir()
+    (root / "styles.csv").write_text(_bad_first_row(STYLES, 2))
+    table, repaired = read_table(root / "styles.csv", str_columns=("id",))
+    assert repaired == 2 and table["id"].tolist() == ["2", "1", "3", "4", "5", "6", "7"]
+    catalog = load_catalog(root, validate=False)
+    df = catalog.df.set_index("image_id")
+    assert df.loc["2", "productDisplayName"] == "Puma Women, Blue, Round Neck T-shirt"
+    assert df.loc["2", "category"] == "Apparel" and df.loc["2", "subcategory"] == "Tshirts"
+    assert df.loc["3", "productDisplayName"] == "Nike Men,Black Shoes"
+    shop = tmp_path / "shop"
+    for name in ("a", "b"):
+        _photo(shop / "images" / f"{name}.jpg", ord(name))
+    (shop / "manifest.csv").write_text("image,category,subcategory,title\n"
+                                       "images/a.jpg,A,a,Red, cotton, long\nimages/b.jpg,A,b,Blue\n")
+    catalog = load_catalog(shop, progress=False)
+    assert catalog.ids.tolist() == ["a", "b"] and len(catalog.problems) == 0
+    assert catalog.df["title"].tolist() == ["Red, cotton, long", "Blue"]
+    assert catalog.df["subcategory"].tolist() == ["a", "b"]
+
+
+def test_csv_encodings_and_empty_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cbir.cli import main
+
+    root = tmp_path / "shop"
+    _photo(root / "images" / "a.jpg", 1)
+    text = "image,category,subcategory,title\nimages/a.jpg,Tops,Tees,Café crème\n"
+    manifest = root / "manifest.csv"
+    for encoding in ("utf-8", "utf-8-sig", "utf-16"):  # utf-16 writes a byte-order mark
+        manifest.write_text(text, encoding=encoding)
+        catalog = load_catalog(manifest, progress=False)
+        assert catalog.df["title"].tolist() == ["Café crème"] and catalog.ids.tolist() == ["a"]
+    manifest.write_text(text, encoding="latin-1")
+    offset = text.encode("latin-1").index(b"\xe9")
+    message = (rf"{manifest}: not UTF-8 text: byte 0xe9 at offset {offset} "
+               r"\(invalid continuation byte\); save it as UTF-8")
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(manifest)
+    assert main(["catalog", "check", str(manifest)]) == 1
+    assert f"{manifest}: not UTF-8" in capsys.readouterr().out
+    manifest.write_bytes(text.encode("utf-16-le"))  # UTF-16 without a byte-order mark
+    with pytest.raises(CatalogError, match="looks like UTF-16 without a byte-order mark"):
+        load_catalog(root)
+    manifest.write_bytes(b"")
+    with pytest.raises(CatalogError, match=rf"{manifest}: empty file, expected a header row with columns "
+                                           r"image, category, subcategory$"):
+        load_catalog(root)
+    assert main(["catalog", "check", str(root)]) == 1
+    assert "empty file" in capsys.readouterr().out
+    kaggle = tmp_path / "kaggle"
+    kaggle.mkdir()
+    (kaggle / "styles.csv").write_bytes(b"")
+    with pytest.raises(CatalogError, match=r"styles.csv: empty file, expected a header row with columns "
+                                           r"id, masterCategory, articleType$"):
+        load_catalog(kaggle)
+    (kaggle / "styles.csv").write_bytes(STYLES.replace("Puma", "P\u00fcma").encode("latin-1"))
+    assert main(["catalog", "check", str(kaggle / "styles.csv")]) == 1
+    assert "save it as UTF-8" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- kaggle
 
 STYLES = """id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName
@@ -304,6 +479,33 @@ def test_folder_tree_layout(tmp_path: Path) -> None:
     _photo(root / "Shoes" / "Boots" / "a.jpg", 7)
     ids = load_catalog(root, validate=False).ids.tolist()
     assert "Shoes/Boots/a" in ids and "Tops/Tshirts/a" in ids and len(set(ids)) == len(ids)
+
+
+def test_folder_tree_reports_skipped_files(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    _photo(root / "Tops" / "Tees" / "a.jpg", 1)
+    _photo(root / "Tops" / "Tees" / "anim.gif", 2, mode="P")
+    _photo(root / "Tops" / "Tees" / "scan.tif", 3)
+    _photo(root / "top.jpg", 4)
+    _photo(root / "Tops" / "b.png", 5)
+    _photo(root / "Tops" / "Tees" / "deeper" / "c.jpg", 6)
+    (root / "Tops" / "Tees" / "notes.txt").write_text("n")
+    _photo(root / "Tops" / "Tees" / ".hidden.gif", 7)
+    catalog = load_catalog(root, progress=False)
+    assert catalog.ids.tolist() == ["a"] and len(catalog.problems) == 0
+    assert list(catalog.skipped.columns) == ["path", "reason", "detail"]
+    assert catalog.skipped[["path", "reason"]].values.tolist() == [
+        ["Tops/Tees/anim.gif", "unsupported_type"], ["Tops/Tees/deeper/c.jpg", "wrong_depth"],
+        ["Tops/Tees/notes.txt", "unsupported_type"], ["Tops/Tees/scan.tif", "unsupported_type"],
+        ["Tops/b.png", "wrong_depth"], ["top.jpg", "wrong_depth"]]
+    details = dict(catalog.skipped[["path", "detail"]].values)
+    assert details["Tops/Tees/anim.gif"] == ".gif is not one of .jpg, .jpeg, .png, .webp"
+    assert details["top.jpg"] == "expected <category>/<subcategory>/<file>, found 1 level"
+    assert len(catalog.usable().skipped) == 6
+    out = io.StringIO()
+    assert check_catalog_report(root, out=out) == 0
+    text = out.getvalue()
+    assert "6 files skipped" in text and "skipped files (6):" in text and "Tops/Tees/deeper/c.jpg" in text
 
 
 # ----------------------------------------------------------------------------------------- background

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbir.images import ImageError, border_stats, check_image, decode_bytes, read_image
+import cbir.images
+from cbir.images import ImageError, border_stats, check_image, decode_bytes, read_file_bytes, read_image
 
 
 def _jpeg_bytes(seed: int = 0, shape: tuple[int, int] = (48, 64)) -> bytes:
@@ -188,6 +190,95 @@ def test_check_image_info(tmp_path: Path) -> None:
     assert info["sha1"] == hashlib.sha1(data).hexdigest()
     Image.new("L", (7, 3), 9).save(tmp_path / "l.png")
     assert check_image(tmp_path / "l.png")[1]["mode"] == "L"
+
+
+def _within(seconds: float, func, *args):
+    """``func(*args)`` in a daemon thread; fails (instead of hanging the suite) after ``seconds``."""
+    import threading
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["value"] = func(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"{func.__name__} still running after {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_read_file_bytes_reads_regular_files_and_follows_links(tmp_path: Path) -> None:
+    data = _jpeg_bytes(4)
+    (tmp_path / "a.jpg").write_bytes(data)
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
+    assert read_file_bytes(tmp_path / "a.jpg") == data and read_file_bytes(str(tmp_path / "link.jpg")) == data
+    assert cbir.images.MAX_FILE_BYTES == 64 * 1024 * 1024
+    with pytest.raises(ImageError) as err:
+        read_file_bytes(tmp_path / "nope.jpg")
+    assert err.value.reason == "missing" and "nope.jpg" in str(err.value)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ImageError) as err:
+        read_file_bytes(tmp_path / "empty.jpg")
+    assert err.value.reason == "empty"
+
+
+def test_fifo_is_not_a_file_and_never_blocks(tmp_path: Path) -> None:
+    fifo = tmp_path / "x.jpg"
+    os.mkfifo(fifo)  # no writer: a blocking open or read would hang forever
+    with pytest.raises(ImageError) as err:
+        _within(10, read_file_bytes, fifo)
+    assert err.value.reason == "not_a_file" and "x.jpg" in str(err.value) and "FIFO" in err.value.detail
+    with pytest.raises(ImageError) as err:
+        _within(10, read_image, fifo)
+    assert err.value.reason == "not_a_file"
+    assert _within(10, check_image, fifo)[0] == "not_a_file"
+
+
+def test_device_and_directory_are_not_files(tmp_path: Path) -> None:
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # endless: reading it would exhaust memory
+    with pytest.raises(ImageError) as err:
+        _within(10, read_image, tmp_path / "zero.jpg")
+    assert err.value.reason == "not_a_file" and "character device" in err.value.detail
+    (tmp_path / "dir.jpg").mkdir()
+    problem, info = check_image(tmp_path / "dir.jpg")
+    assert problem == "not_a_file" and "directory" in info["detail"]
+
+
+def test_too_large_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _jpeg_bytes(6)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(data)
+    reads: list[int] = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    with pytest.raises(ImageError) as err:
+        read_file_bytes(path, max_bytes=len(data) - 1)
+    assert err.value.reason == "too_large" and f"{len(data):,} bytes" in err.value.detail and reads == []
+    assert read_file_bytes(path, max_bytes=len(data)) == data
+    monkeypatch.setattr(cbir.images, "MAX_FILE_BYTES", 100)
+    problem, info = check_image(path)
+    assert problem == "too_large" and info["bytes"] == len(data) and info["sha1"] is None
+    with pytest.raises(ImageError, match="too_large"):
+        read_image(path)
+
+
+def test_not_an_image_detail_copies_no_content(tmp_path: Path) -> None:
+    path = tmp_path / "secret.jpg"
+    path.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    problem, info = check_image(path)
+    assert problem == "not_an_image" and info["detail"] == "text, 32 bytes"
+    path.write_bytes(b"\x00\x01secret-binary")
+    problem, info = check_image(path)
+    assert problem == "not_an_image" and info["detail"] == "unknown bytes, 15 bytes"
+    with pytest.raises(ImageError) as err:
+        read_image(path)
+    assert "secret-binary" not in str(err.value) and err.value.reason == "not_an_image"
 
 
 # ------------------------------------------------------------------------------------------ borders

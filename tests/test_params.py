@@ -164,3 +164,17 @@ def test_bad_files(tmp_path):
 
 def test_defaults_file_is_the_repository_one(repo_root):
     assert DEFAULTS_FILE == repo_root / "params" / "defaults.yaml"
+
+
+def test_duplicate_key_is_refused_naming_file_key_and_lines(tmp_path):
+    dup = _write(tmp_path / "dup.yaml", "model: vgg16\nk: 5\n# a comment\nmodel: resnet50\n")
+    with pytest.raises(ParamsError, match=r"dup\.yaml: duplicate key 'model' on lines 1 and 4$"):
+        load_params(dup)
+    defaults = _write(tmp_path / "defaults.yaml", "k: 5\nseed: 0\nk: 7\n")
+    with pytest.raises(ParamsError, match=r"defaults\.yaml: duplicate key 'k' on lines 1 and 3"):
+        load_defaults(defaults)
+    with pytest.raises(ParamsError, match=r"-p metrics: .*duplicate key 'a' on lines 1 and 1"):
+        load_params(_write(tmp_path / "p.yaml", "name: p\n"), {"metrics": "{a: 1, a: 2}"})
+    # the same key in two different mappings is fine
+    nested = _write(tmp_path / "nested.yaml", "a: {x: 1}\nb:\n  x: 2\n")
+    assert load_defaults(nested) == {"a": {"x": 1}, "b": {"x": 2}}
