@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import functools
 import html
+import inspect
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -102,12 +104,23 @@ def validate_upload(data: bytes | memoryview, name: str, mime: str | None = None
         raise UploadError(name, exc.reason, f"{name}: {text}; upload a photo ({allowed})") from None
 
 
-def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None) -> str:
+def _run_name(run: int | str | None) -> str:
+    return "this run" if run is None else f"run {run}"
+
+
+def _refuse(run: int | str | None, reason: str, text: str) -> UploadError:
+    return UploadError("", reason, f"{_run_name(run)}{text}")
+
+
+def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
+                    run: int | str | None = None) -> str:
     """The ``weights`` argument that rebuilds a run's extractor from its stored identity.
 
     ``imagenet``, seeded random init (``none ...``) and handcrafted runs need nothing; a run made from
     a weights file needs that file: ``weights`` (the app's parameter) or a file of the same name in
-    :func:`cbir.backbones.weights_dirs`, checked against the stored SHA-1 when there is one.
+    :func:`cbir.backbones.weights_dirs`, whose SHA-1 must equal the stored one. Only the file's name is
+    taken from the store (never its folder); a run without a valid stored SHA-1, or no file with it, is
+    refused (:class:`UploadError` naming ``run``, the file and the SHA-1), never served by another file.
     """
     label = str(identity.get("weights") or "none")
     if label == "imagenet":
@@ -118,29 +131,92 @@ def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike |
     from cbir.efficientnet_lite import file_sha1
 
     fname = Path(str(identity.get("weights_file") or label)).name
+    sha1 = identity.get("weights_sha1")
+    if not (isinstance(sha1, str) and re.fullmatch(r"[0-9a-f]{40}", sha1)):
+        raise _refuse(run, "weights", f" used the weights file {fname!r} but records no valid SHA-1 for it "
+                                      f"({sha1!r}); refusing to load an unchecked file")
     candidates = [Path(weights)] if weights not in (None, "imagenet", "none") else []
     candidates += [folder / fname for folder in weights_dirs()]
+    differ = []
     for candidate in candidates:
-        if candidate.is_file() and candidate.name == fname and (
-                not identity.get("weights_sha1") or file_sha1(candidate) == identity["weights_sha1"]):
-            return str(candidate)
-    raise UploadError("", "weights", f"this run used the weights file {fname!r}, which was not found (or "
-                                     f"differs); start the app with weights=PATH (or CBIR_WEIGHTS) pointing to it")
+        if candidate.is_file() and candidate.name == fname:
+            found = file_sha1(candidate)
+            if found == sha1:
+                return str(candidate)
+            differ.append(f"{candidate} has SHA-1 {found}")
+    seen = f" ({'; '.join(differ)})" if differ else ""
+    raise _refuse(run, "weights", f" used the weights file {fname!r}, which was not found with SHA-1 {sha1}{seen}; "
+                                  f"start the app with weights=PATH (or CBIR_WEIGHTS) pointing to that file")
 
 
-def extractor_kwargs(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Keyword arguments of :func:`cbir.backbones.build_extractor` for a run's stored identity."""
+@functools.cache
+def descriptor_settings() -> dict[str, Any]:
+    """Settings a run's stored ``params`` may pass on, with their defaults: the keyword parameters of
+    :func:`cbir.descriptors.build_descriptor_extractor` that have a value default and that
+    :func:`cbir.backbones.build_extractor` does not set itself (so never weights, layer, pooling, ...)."""
+    from cbir.backbones import build_extractor
+    from cbir.descriptors import build_descriptor_extractor
+
+    own = set(inspect.signature(build_extractor).parameters)
+    return {name: p.default for name, p in inspect.signature(build_descriptor_extractor).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is not None and name not in own}
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, (bool, str)):
+        return type(value) is type(default)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _descriptor_params(identity: Mapping[str, Any], run: int | str | None) -> dict[str, Any]:
+    """The stored ``params`` checked against :func:`descriptor_settings` (only descriptor runs have any)."""
+    from cbir.backbones import DESCRIPTORS
+
+    params = identity.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise _refuse(run, "identity", f": stored params must be a mapping, got {type(params).__name__}")
+    allowed = descriptor_settings() if identity.get("model") in DESCRIPTORS else {}
+    for key in sorted(params):
+        if key not in allowed:
+            raise _refuse(run, "identity", f": stored params may not set {key!r} (a {identity.get('model')} "
+                                           f"run takes {', '.join(sorted(allowed)) or 'no params'})")
+        if not _same_kind(params[key], allowed[key]):
+            raise _refuse(run, "identity", f": stored params {key}={params[key]!r} is not of type "
+                                           f"{type(allowed[key]).__name__}")
+    return dict(params)
+
+
+def extractor_kwargs(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
+                     run: int | str | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`cbir.backbones.build_extractor` for a run's stored identity.
+
+    The weights come only from :func:`resolve_weights` (name + SHA-1 checked); the stored ``params``
+    may set only descriptor settings (:func:`descriptor_settings`). A tampered identity raises
+    :class:`UploadError` naming ``run``."""
     kwargs: dict[str, Any] = {
         "name": identity["model"],
         "layer": identity.get("layer"),
         "pooling": identity.get("pooling"),
-        "weights": resolve_weights(identity, weights=weights),
+        "weights": resolve_weights(identity, weights=weights, run=run),
         "l2_normalize": bool(identity.get("l2_normalize", False)),
     }
     if identity.get("gem_p") is not None:
         kwargs["gem_p"] = identity["gem_p"]
-    kwargs.update(identity.get("params") or {})  # descriptor settings (bins, points, radius, ...)
+    kwargs.update(_descriptor_params(identity, run))  # descriptor settings (bins, points, radius, ...)
     return kwargs
+
+
+def checked_extractor(identity: Mapping[str, Any], kwargs: Mapping[str, Any], *,
+                      run: int | str | None = None) -> Any:
+    """:func:`cached_extractor` of ``kwargs``, refused (:class:`UploadError`) when the weights it loaded
+    do not have the SHA-1 stored with the run (e.g. other ImageNet weights than the run's)."""
+    extractor = cached_extractor(kwargs)
+    wanted, got = identity.get("weights_sha1"), getattr(extractor, "weights_sha1", None)
+    if wanted and got != wanted:
+        found = getattr(extractor, "weights_file", None) or getattr(extractor, "weights_label", "?")
+        raise _refuse(run, "weights", f": the weights found here ({found}, SHA-1 {got}) are not the ones the "
+                                      f"run was made with (SHA-1 {wanted})")
+    return extractor
 
 
 @functools.lru_cache(maxsize=4)
@@ -305,17 +381,19 @@ class VisualSearchApp:
         return self._features[run_id]
 
     def extractor(self, run_id: int | None = None) -> Any:
-        """The run's extractor, rebuilt from its stored identity (cached per process)."""
+        """The run's extractor, rebuilt from its stored identity (cached per process, weights checked)."""
+        run_id = self.run_id if run_id is None else int(run_id)
         identity = self.run_info(run_id)["params"]
-        return cached_extractor(extractor_kwargs(identity, weights=self.weights))
+        return checked_extractor(identity, extractor_kwargs(identity, weights=self.weights, run=run_id), run=run_id)
 
     def embed_bytes(self, data: bytes | memoryview, name: str, mime: str | None = None) -> np.ndarray:
         """Validate an upload and embed it: float32[1, D] with the current run's extractor."""
         identity = self.run_info()["params"]
-        kwargs = extractor_kwargs(identity, weights=self.weights)  # raises UploadError before decoding
+        kwargs = extractor_kwargs(identity, weights=self.weights, run=self.run_id)  # raises before decoding
         size = int(identity.get("input_size") or 224)
         image = validate_upload(data, name, mime, max_bytes=self.max_bytes, size=size)
-        vector = np.asarray(cached_extractor(kwargs)(image[None]), dtype=np.float32)
+        extractor = checked_extractor(identity, kwargs, run=self.run_id)
+        vector = np.asarray(extractor(image[None]), dtype=np.float32)
         if vector.shape != (1, self.features()[1].shape[1]):
             raise RuntimeError(f"run {self.run_id}: the rebuilt extractor gives {vector.shape[1]}-d vectors, "
                                f"the store holds {self.features()[1].shape[1]}-d ones")

@@ -446,10 +446,10 @@ def build_extractor(name: str, *, layer: str | None = None, pooling: str | None 
                          f"to pool a convolutional layer pass pooling='gap'|'mac'|'gem'|'rmac'")
     layer = layer or (spec.conv_layer if pooling else spec.default_layer)
 
-    import keras
-
     started = time.perf_counter()
     base, choice = build_base_model(name, include_top=pooling is None, weights=weights)
+    import keras  # after the weights: a refused weights file fails before Keras is imported
+
     out = _find_layer(base, layer).output
     if pooling is not None:
         from cbir.pooling import GlobalPool

@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ _STORAGE_DTYPES = {
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+MAX_PICKLE_BYTES = 64 * 1024 * 1024  # a state dict's pickle is ~50 KB; larger is refused before unpickling
+_READ_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                OverflowError, RecursionError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass
@@ -182,12 +186,36 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *args):
     return data
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (ints, floats, strings, bytes, lists, tuples, dicts): every class or
+    function lookup and every persistent id is refused, so nothing in the file can run code."""
+
+    def __init__(self, file, *, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        raise CheckpointError(f"{self.source}: refusing to unpickle {module}.{name} "
+                              "(only plain data is allowed here)")
+
+    def persistent_load(self, pid):
+        raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r} in a plain-data pickle")
+
+
+def _plain_load(f, source: Path, expected: type | tuple[type, ...], what: str):
+    """One plain-data pickle from ``f``, which must be of type ``expected``."""
+    value = _PlainDataUnpickler(f, source=source).load()
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise CheckpointError(f"{source}: not a PyTorch checkpoint ({what} is a {type(value).__name__})")
+    return value
+
+
+class _RestrictedUnpickler(_PlainDataUnpickler):
     """Unpickles a state dict: only OrderedDict, torch tensor rebuilders and storage types."""
 
     def __init__(self, file, *, source: Path, storage_reader=None):
-        super().__init__(file)
-        self.source, self.storage_reader, self.storages = source, storage_reader, {}
+        super().__init__(file, source=source)
+        self.storage_reader, self.storages = storage_reader, {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
@@ -244,15 +272,25 @@ def load_torch_state_dict(path: str | os.PathLike) -> "collections.OrderedDict[s
             obj = _load_legacy(source)
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+    except _READ_ERRORS as exc:
         raise CheckpointError(f"{source}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                            for k, v in obj.items()):
         raise CheckpointError(f"{source}: expected a state dict of tensors")
     return collections.OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, nbytes: int, source: Path) -> bytes:
+    """At most ``nbytes`` of zip member ``name`` (a compressed bomb is never inflated past that)."""
+    try:
+        with zf.open(name) as member:
+            return member.read(nbytes)
+    except KeyError:
+        raise CheckpointError(f"{source}: zip checkpoint without {name}") from None
 
 
 def _load_zip(source: Path):
@@ -264,31 +302,41 @@ def _load_zip(source: Path):
         prefix = pkl[: -len("data.pkl")]
 
         def read(storage: _Storage) -> bytes:
-            data = zf.read(f"{prefix}data/{storage.key}")
-            if len(data) < storage.numel * _itemsize(storage):
+            nbytes = storage.numel * _itemsize(storage)
+            data = _read_member(zf, f"{prefix}data/{storage.key}", nbytes, source)
+            if len(data) < nbytes:
                 raise CheckpointError(f"{source}: storage {storage.key} is truncated")
-            return data[: storage.numel * _itemsize(storage)]
+            return data
 
-        unpickler = _RestrictedUnpickler(io.BytesIO(zf.read(pkl)), source=source, storage_reader=read)
+        data = _read_member(zf, pkl, MAX_PICKLE_BYTES + 1, source)
+        if len(data) > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{source}: {pkl} is over {MAX_PICKLE_BYTES >> 20} MiB, not a state dict")
+        unpickler = _RestrictedUnpickler(io.BytesIO(data), source=source, storage_reader=read)
         return _materialize(unpickler.load(), source)
 
 
 def _load_legacy(source: Path):
+    """The legacy stream: magic, protocol, sys_info, state dict, storage keys (all pickles), then for each
+    key an 8-byte element count and the raw storage. Every pickle goes through a restricted unpickler."""
     with open(source, "rb") as f:
-        magic = pickle.load(f)
-        if magic != _LEGACY_MAGIC:
+        size = os.fstat(f.fileno()).st_size
+        if _plain_load(f, source, int, "the magic number") != _LEGACY_MAGIC:
             raise CheckpointError(f"{source}: not a PyTorch checkpoint (bad magic number)")
-        pickle.load(f)  # protocol version
-        sys_info = pickle.load(f)
-        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+        _plain_load(f, source, int, "the protocol version")
+        sys_info = _plain_load(f, source, dict, "sys_info")
+        if not sys_info.get("little_endian", True):
             raise CheckpointError(f"{source}: big-endian checkpoints are not supported")
         unpickler = _RestrictedUnpickler(f, source=source)
         obj = unpickler.load()
-        keys = pickle.load(f)
+        keys = _plain_load(f, source, list, "the storage key list")
         for key in keys:
-            storage = unpickler.storages[str(key)]
-            numel = int.from_bytes(f.read(8), "little")
-            nbytes = numel * _itemsize(storage)
+            storage = unpickler.storages.get(str(key))
+            if storage is None:
+                raise CheckpointError(f"{source}: storage key {key!r} is not used by the state dict")
+            nbytes = int.from_bytes(f.read(8), "little") * _itemsize(storage)
+            left = size - f.tell()
+            if nbytes > left:
+                raise CheckpointError(f"{source}: storage {key} claims {nbytes} bytes, but only {left} are left")
             storage.data = f.read(nbytes)
             if len(storage.data) != nbytes:
                 raise CheckpointError(f"{source}: storage {key} is truncated")
@@ -396,12 +444,14 @@ def load_efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, i
     source = imagenet_checkpoint() if weights == "imagenet" else Path(weights)
     if not source.is_file():
         raise CheckpointError(f"{source}: no such weights file")
-    model = build_efficientnet_lite0(include_top=True)
     if source.name.endswith((".pth", ".pt", ".bin")):
         # Converting in memory (read 0.02 s + copy) measured faster than loading a cached .weights.h5
         # (build+convert 0.31 s vs build+load 0.40 s), so builds do not touch the disk cache.
-        load_state_dict_into(model, load_torch_state_dict(source), source=source)
+        state_dict = load_torch_state_dict(source)  # read (and refused) before any model is built
+        model = build_efficientnet_lite0(include_top=True)
+        load_state_dict_into(model, state_dict, source=source)
     else:
+        model = build_efficientnet_lite0(include_top=True)
         try:
             model.load_weights(source)
         except Exception as exc:  # Keras raises ValueError / KeyError / OSError for foreign files
