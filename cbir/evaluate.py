@@ -32,8 +32,8 @@ from cbir.search import METRICS, search
 __all__ = [
     "KEYS", "MATCH_COLUMNS", "LEVELS", "select", "per_query", "match_table", "bootstrap_ci", "paired_test",
     "compare", "paired_tests", "match_by_rank", "match_by_subcategory", "confusion", "precision_recall",
-    "precision_at_k", "average_precision_at_k", "map_at_k", "cross_validate", "neighbours_from_store",
-    "save_table",
+    "precision_at_k", "average_precision_at_k", "map_at_k", "whiten_for_fold", "cross_validate",
+    "neighbours_from_store", "save_table", "PAIRED_TEST_COLUMNS",
 ]
 
 KEYS = ["model", "layer", "pooling", "metric"]
@@ -43,6 +43,9 @@ MATCH_COLUMNS = ["model", "layer", "pooling", "metric", "k", "n_queries",
                  "category_match", "category_match_lo", "category_match_hi",
                  "subcategory_match", "subcategory_match_lo", "subcategory_match_hi"]
 """The columns of :func:`match_table` (saved as ``tables/category_match.csv``)."""
+PAIRED_TEST_COLUMNS = [*(f"{side}_{key}" for side in "ab" for key in KEYS), "n", "mean_a", "mean_b", "mean_diff",
+                       "diff_lo", "diff_hi", "p_permutation", "p_wilcoxon", "p_holm"]
+"""The columns of :func:`paired_tests` (also when there is no pair: one measure only)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -246,7 +249,8 @@ def paired_tests(scores: pd.DataFrame, *, score: str = "category_match", baselin
                  n_perm: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Paired tests between tuples of :func:`per_query` output: every tuple against ``baseline`` (one tuple),
     or every pair when ``baseline`` is None. Columns ``a_<key>, b_<key>`` for the keys, the
-    :func:`paired_test` fields and ``p_holm`` (Holm-adjusted ``p_permutation`` over the rows)."""
+    :func:`paired_test` fields and ``p_holm`` (Holm-adjusted ``p_permutation`` over the rows): always
+    :data:`PAIRED_TEST_COLUMNS`, no rows when there is no pair (a single tuple)."""
     tuples = [_keyed(t) for t in scores[KEYS].drop_duplicates().to_dict(orient="records")]
     if baseline is not None:
         base = [_keyed(t) for t in select(scores, **baseline)[KEYS].drop_duplicates().to_dict(orient="records")]
@@ -260,9 +264,8 @@ def paired_tests(scores: pd.DataFrame, *, score: str = "category_match", baselin
         res = compare(scores, ta, tb, score=score, n_perm=n_perm, seed=seed)
         rows.append({**{f"a_{c}": ta[c] for c in KEYS}, **{f"b_{c}": tb[c] for c in KEYS},
                      **{c: v for c, v in res.items() if c not in ("a", "b", "score")}})
-    out = pd.DataFrame(rows)
-    if len(out):
-        out["p_holm"] = _holm(out["p_permutation"].to_numpy())
+    out = pd.DataFrame(rows, columns=PAIRED_TEST_COLUMNS[:-1])
+    out["p_holm"] = _holm(out["p_permutation"].to_numpy(dtype=float))
     return out
 
 
@@ -420,11 +423,36 @@ def map_at_k(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | Sequenc
 
 
 # -------------------------------------------------------------------------------- cross-validation
+def whiten_for_fold(ids: Sequence[str] | np.ndarray, X: Any, *, fit_ids: Sequence[str], query_ids: Sequence[str],
+                    fold: int | None = None, seed: int = 0) -> np.ndarray:
+    """``X`` (N, D) PCA-whitened and L2-normalised -> float32 (N, k), the PCA fitted on the rows of ``fit_ids``
+    only (:func:`cbir.backbones.fit_pca_whitening`, :func:`cbir.extract.whitening_components` components,
+    as :func:`cbir.extract.whiten_for_catalog`). Raises ``AssertionError`` when a query id is among the fit ids."""
+    from cbir.backbones import apply_pca_whitening, fit_pca_whitening
+    from cbir.extract import whitening_components
+
+    fit_ids = np.asarray(fit_ids).astype(str)
+    leaked = np.intersect1d(fit_ids, np.asarray(query_ids).astype(str))
+    if len(leaked):
+        raise AssertionError(f"fold {fold}: the whitening would be fitted on {len(leaked)} of the fold's queries, "
+                             f"e.g. {leaked[:5].tolist()}")
+    rows = pd.Index(np.asarray(ids).astype(str)).get_indexer(fit_ids)
+    if (rows < 0).any():
+        raise KeyError(f"fit ids without features: {fit_ids[rows < 0][:5].tolist()}")
+    X = np.asarray(X)
+    pca = fit_pca_whitening(X[rows], n_components=whitening_components(len(rows)), seed=seed)
+    return apply_pca_whitening(pca, X)
+
+
 def cross_validate(ids: Sequence[str] | np.ndarray, X: Any, labels: pd.DataFrame, folds: Sequence[Any], *,
                    metrics: Sequence[str] = METRICS, k: int = 5, p: float = 3.0, same_category: bool = False,
                    exclude_duplicates: bool = True, model: str | None = None, layer: str | None = None,
-                   pooling: str | None = None, engine: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+                   pooling: str | None = None, engine: str = "auto", pca_whiten: bool = False
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's cross-validation: each fold's images query the catalogue WITHOUT the fold.
+
+    With ``pca_whiten`` each fold's vectors are PCA-whitened (+ L2) by :func:`whiten_for_fold`, fitted on the
+    images searchable in that fold only (never its queries), like the catalogue-wide whitening of notebooks 02-03.
 
     ``ids`` (N,) and ``X`` (N, D) are every image of one feature run; ``labels`` has ``image_id, category,
     subcategory`` (and ``dup_group`` for ``exclude_duplicates``); ``folds`` are disjoint arrays of ids (from
@@ -458,9 +486,10 @@ def cross_validate(ids: Sequence[str] | np.ndarray, X: Any, labels: pd.DataFrame
         cat_ids = ids[~in_fold]
         if np.isin(fold, cat_ids).any():  # the protocol's invariant, checked on every fold
             raise AssertionError(f"fold {f}: a query is in the searchable catalogue")
-        q_X = X[position.get_indexer(fold)]
+        fold_X = whiten_for_fold(ids, X, fit_ids=cat_ids, query_ids=fold, fold=f) if pca_whiten else X
+        q_X = fold_X[position.get_indexer(fold)]
         for metric in metrics:
-            nb = search(cat_ids, X[~in_fold], fold, q_X, metric=metric, k=k, p=p, same_category=same_category,
+            nb = search(cat_ids, fold_X[~in_fold], fold, q_X, metric=metric, k=k, p=p, same_category=same_category,
                         categories=categories, exclude_self=True, exclude_duplicates=exclude_duplicates,
                         dup_groups=dups, engine=engine)
             if np.isin(nb["neighbour_id"].to_numpy(), fold).any():

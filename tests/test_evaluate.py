@@ -196,6 +196,17 @@ def test_compare_and_paired_tests(neighbours, labels):
     np.testing.assert_allclose(ev._holm(np.array([0.01, 0.04, 0.03])), [0.03, 0.06, 0.06])
 
 
+
+def test_paired_tests_with_one_measure_is_an_empty_table_with_the_columns(neighbours, labels):
+    pq = ev.per_query(ev.select(neighbours, metric="cosine"), labels)
+    for baseline in (None, {"metric": "cosine"}):
+        table = ev.paired_tests(pq, baseline=baseline)
+        assert table.empty and list(table.columns) == ev.PAIRED_TEST_COLUMNS
+        assert table.set_index(["a_metric", "b_metric"])[["mean_diff", "p_holm"]].empty
+    assert ev.PAIRED_TEST_COLUMNS[:8] == [f"{s}_{c}" for s in "ab" for c in ev.KEYS]
+    # with two measures the table has the same columns
+    assert list(ev.paired_tests(ev.per_query(neighbours, labels)).columns) == ev.PAIRED_TEST_COLUMNS
+
 # -------------------------------------------------------------------------------- cross-validation
 @pytest.fixture()
 def line12():
@@ -284,3 +295,70 @@ def test_neighbours_from_store_and_save_table(tmp_path, labels):
     path = ev.save_table(table, tmp_path / "out", "category_match")
     back = pd.read_csv(path)
     assert path.name == "category_match.csv" and list(back.columns) == ev.MATCH_COLUMNS and len(back) == 4
+
+
+# ---------------------------------------------------------------- cross-validation with PCA whitening
+def _anisotropic_cv_data():
+    """80 images in four sub-categories whose label lives in a low-variance direction; four folds of 8."""
+    rng = np.random.default_rng(7)
+    n, d = 80, 12
+    ids = np.array([f"i{j:02d}" for j in range(n)])
+    sub = np.array(["s1", "s2", "s3", "s4"])[np.arange(n) % 4]
+    X = rng.standard_normal((n, d)) * np.linspace(5.0, 0.2, d)
+    X[:, 8] += 0.8 * (np.arange(n) % 4)
+    labels = pd.DataFrame({"image_id": ids, "category": np.where(np.isin(sub, ["s1", "s2"]), "A", "B"),
+                           "subcategory": sub})
+    folds = [ids[f::5][:8] for f in range(4)]
+    return ids, X, labels, folds
+
+
+def test_cross_validate_without_whitening_is_unchanged():
+    ids, X, labels, folds = _anisotropic_cv_data()
+    per_fold, _ = ev.cross_validate(ids, X, labels, folds, metrics=["cosine", "euclidean"], k=3)
+    # pinned before pca_whiten was added to cross_validate: correct neighbours out of 8 queries x 3
+    assert (per_fold["category_match"] * 24).round(9).tolist() == [10, 11, 16, 11, 14, 14, 12, 12]
+    assert (per_fold["subcategory_match"] * 24).round(9).tolist() == [7, 7, 12, 7, 10, 9, 7, 6]
+
+
+def test_cross_validate_whitening_is_fitted_per_fold_without_its_queries(monkeypatch):
+    from scipy.spatial.distance import cdist
+    from sklearn.decomposition import PCA
+
+    import cbir.backbones as bb
+
+    ids, X, labels, folds = _anisotropic_cv_data()
+    row_id = {row.tobytes(): i for row, i in zip(X.astype(np.float64), ids)}
+    fitted: list[set[str]] = []
+    real_fit = bb.fit_pca_whitening
+
+    def spy(X_fit, *args, **kwargs):
+        fitted.append({row_id[r.tobytes()] for r in np.asarray(X_fit, dtype=np.float64)})
+        return real_fit(X_fit, *args, **kwargs)
+
+    monkeypatch.setattr(bb, "fit_pca_whitening", spy)
+    per_fold, _ = ev.cross_validate(ids, X, labels, folds, metrics=["cosine"], k=3, pca_whiten=True)
+    # one fit per fold, on exactly the images searchable in that fold: never the fold's queries
+    assert fitted == [set(ids) - set(fold) for fold in folds]
+    for f, fold in enumerate(folds, start=1):
+        keep = ~np.isin(ids, fold)
+        # reference: scikit-learn's whitening PCA on the 72 searchable rows, min(256, 72 // 4) = 18 -> rank 12
+        pca = PCA(whiten=True, svd_solver="full").fit(X[keep])
+        top = np.argsort(cdist(pca.transform(X[~keep]), pca.transform(X[keep]), "cosine"), axis=1,
+                         kind="stable")[:, :3]
+        want = (labels["subcategory"].to_numpy()[keep][top]
+                == labels["subcategory"].to_numpy()[~keep][:, None]).mean()
+        got = per_fold.loc[per_fold["fold"] == f, "subcategory_match"].item()
+        assert got == pytest.approx(want)
+    # the leaky version (one whitening fitted on every image, queries included) gives other numbers
+    leaky = bb.apply_pca_whitening(real_fit(X, n_components=20), X)
+    leaked, _ = ev.cross_validate(ids, leaky, labels, folds, metrics=["cosine"], k=3)
+    assert not np.allclose(leaked["subcategory_match"], per_fold["subcategory_match"])
+
+
+def test_whiten_for_fold_refuses_a_fit_that_holds_a_query():
+    ids = np.array(["i01", "i07", "i09", "i11"])
+    X = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(AssertionError, match=r"fold 3: .*whitening.*\['i07'\]"):
+        ev.whiten_for_fold(ids, X, fit_ids=["i01", "i07", "i11"], query_ids=["i07", "i09"], fold=3)
+    Z = ev.whiten_for_fold(ids, X, fit_ids=["i01", "i07", "i11"], query_ids=["i09"], fold=3)
+    assert Z.shape == (4, 2) and np.allclose(np.linalg.norm(Z, axis=1), 1)  # cap max(2, 3 // 4) = 2, L2 rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,14 +25,14 @@ NOTEBOOKS = ["00", "01", "02", "03", "04", "05", "06", "08"]
 METRICS = {"euclidean", "manhattan", "minkowski", "chebyshev", "correlation", "cosine"}
 
 
-def _run(params_file: Path, out: Path, **overrides: str) -> Path:
-    """Run the pipeline of ``params_file`` into ``out``; returns ``out/tables``."""
+def _run(params_file: Path, out: Path, *, only: list[str] = NOTEBOOKS, **overrides: Any) -> Path:
+    """Run the notebooks ``only`` of ``params_file`` into ``out``; returns ``out/tables``."""
     ok = run_params(params_file, overrides={"out_dir": str(out), "store": str(out / "features.sqlite"),
-                                            **overrides}, only=NOTEBOOKS)
+                                            **overrides}, only=only)
     record = json.loads((out / "run.json").read_text())
     statuses = {name: nb["status"] for name, nb in record["notebooks"].items()}
     assert ok, f"pipeline failed: {statuses}"
-    assert len(statuses) == len(NOTEBOOKS) and set(statuses.values()) == {"ok"}, statuses
+    assert len(statuses) == len(only) and set(statuses.values()) == {"ok"}, statuses
     return out / "tables"
 
 
@@ -106,3 +107,17 @@ def test_real_catalogue_pipeline(tmp_path: Path, real_catalog_dir: Path) -> None
     # the study's finding: white backgrounds inflate colour correlation; once cropped it drops
     cosine_colour = roi[(roi["measure"] == "color_corr") & (roi["metric"] == "cosine")].iloc[0]
     assert cosine_colour["diff_hi"] < 0 and cosine_colour["difference"] < -0.1
+
+
+def test_demo_notebooks_with_a_single_measure(tmp_path: Path) -> None:
+    """``-p metrics '[cosine]'``: notebook 03 finishes and says there is no pair to test (issue 10, item 14)."""
+    out = tmp_path / "one"
+    tables = _run(REPO / "params" / "demo.yaml", out, only=["00", "01", "03"], name="one-measure",
+                  metrics=["cosine"])
+    match = _table(tables, "category_match")
+    assert match["metric"].tolist() == ["cosine"] and match["n_queries"].tolist() == [60]
+    tests = pd.read_csv(tables / "paired_tests.csv")
+    assert tests.empty and {"a_metric", "b_metric", "mean_diff", "p_holm", "score"} <= set(tests.columns)
+    executed = json.loads((out / "03_category_evaluation.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for cell in executed["cells"] for o in cell.get("outputs", []))
+    assert "one measure only: no paired tests" in printed
