@@ -1,4 +1,8 @@
-"""The thin ``cbir`` command: parses arguments and calls the package; holds no logic of its own."""
+"""The thin ``cbir`` command: parses arguments and calls the package; holds no logic of its own.
+
+User errors (a bad catalogue, image, store or parameter; a missing or read-only file; a full disk) print one
+``error: ...`` line to stderr and exit with status 1, never a traceback. Reading commands open the store
+read-only: a missing store is an error, never created."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +30,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from cbir.store import FeatureStore
 
     catalog = load_catalog(args.catalog).usable()
+    if len(catalog) == 0:  # refused before a store or a run is made
+        raise ValueError(f"{args.catalog}: no usable image to extract (see `cbir catalog check {args.catalog}`)")
     store = FeatureStore(args.store)
     run_id = extract_features(
         catalog,
@@ -39,17 +45,22 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         l2_normalize=args.l2,
         name=args.name,
     )
-    print(f"run {run_id}: {store.run(run_id)['n_features']} feature vectors in {args.store}")
+    info = store.run(run_id)
+    replaced = info["stats"].get("n_vectors_replaced") if info["finished"] else None
+    note = f" ({replaced} replaced: their files changed)" if replaced else ""
+    print(f"run {run_id}: {info['n_features']} feature vectors in {args.store}{note}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from cbir.extract import export_features
-    from cbir.store import FeatureStore
+    from cbir.store import FeatureStore, StoreError
 
-    store = FeatureStore(args.store)
-    run_id = args.run if args.run is not None else int(store.runs()["run_id"].max())
-    path = export_features(store, run_id, args.out)
+    store = FeatureStore(args.store, readonly=True)
+    runs = store.runs()["run_id"]
+    if args.run is None and runs.empty:
+        raise StoreError(f"{store.path}: no runs to export")
+    path = export_features(store, int(runs.max()) if args.run is None else args.run, args.out)
     print(f"wrote {path}")
     return 0
 
@@ -112,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; user errors print ``error: <message>`` to stderr and return 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"cbir: error: {exc}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        # StoreError, ExtractionError, WeightsUnavailableError (RuntimeError), CatalogError, ImageError,
+        # bad parameters (ValueError), missing or unwritable files (OSError), unknown ids (KeyError)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -5,11 +5,19 @@ flat whatever the catalogue size) while the model runs the current one; each bat
 failures are written in one transaction; ids already in the store are skipped, so a run interrupted at
 any point (even ``kill -9``) resumes where it stopped and ends with exactly the vectors of an
 uninterrupted run. Works with any Keras backend: plain numpy batches in, numpy vectors out.
+
+A vector belongs to the file content it was computed from: each is stored with the SHA-1 of exactly the
+bytes decoded, and an id counts as done only when that SHA-1 equals the current file's (the catalogue's
+``sha1`` column when it has one, else the file is hashed). Vectors of other content (another catalogue
+under the same ids, an edited file, or a store written before cbir recorded hashes) are re-extracted and
+replaced, and what was computed from them (neighbour sets, tables, whitened runs) is dropped.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -23,21 +31,23 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cbir.catalog import catalog_frame
-from cbir.images import ImageError, read_image
-from cbir.store import FeatureStore, open_store
+from cbir.catalog import CatalogError, catalog_frame
+from cbir.images import ImageError, decode_bytes, read_file_bytes
+from cbir.store import FeatureStore, StoreError, open_store
 
 __all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
-           "whiten_run", "whiten_for_catalog", "loaded_library_versions"]
+           "whiten_run", "whiten_for_catalog", "loaded_library_versions", "ExtractionError"]
+
+log = logging.getLogger(__name__)
+
+
+class ExtractionError(RuntimeError):
+    """An extraction produced no vector at all (every image failed); the run is recorded as ``failed``."""
 
 Loader = Callable[[str, int], np.ndarray]
 """``loader(path, size) -> uint8[size, size, 3]``; raises :class:`~cbir.images.ImageError` for bad files."""
 
 _VERSION_MODULES = ("numpy", "pandas", "PIL", "keras", "tensorflow", "jax", "torch", "sklearn", "cv2")
-
-
-def _read(path: str, size: int) -> np.ndarray:
-    return read_image(path, size=size)
 
 
 def loaded_library_versions() -> dict[str, str]:
@@ -95,19 +105,80 @@ def _identity(extractor: Any, *, variant: str, l2_here: bool) -> dict[str, Any]:
     return identity
 
 
-def _load_one(loader: Loader, path: Any, size: int) -> tuple[np.ndarray | None, str | None, str | None]:
-    """Decode one image: ``(array, None, None)`` or ``(None, reason, detail)``; never raises for a bad file."""
+Loaded = tuple[np.ndarray | None, str | None, str | None, str | None]
+"""``(image, sha1, reason, detail)``: ``image`` None on failure; ``sha1`` of the file content, None if unread."""
+
+
+def _load_one(loader: Loader | None, path: Any, size: int, expected: str | None) -> Loaded:
+    """Decode one image and hash its file; never raises for a bad file.
+
+    Default loader (None): the file is read once, hashed and those very bytes decoded; a hash other than
+    ``expected`` (the catalogue's) is a ``changed`` failure. A custom loader reads what it wants: the hash
+    is then ``expected`` when known, else that of the file at ``path``.
+    """
     if path is None or (isinstance(path, float) and np.isnan(path)) or str(path) == "":
-        return None, "missing", "no path"
+        return None, None, "missing", "no path"
+    sha1 = None
     try:
-        image = loader(str(path), size)
+        if loader is None:
+            data = read_file_bytes(str(path))
+            sha1 = hashlib.sha1(data).hexdigest()
+            if expected is not None and sha1 != expected:
+                return None, sha1, "changed", (f"{path}: file content changed since the catalogue was checked "
+                                               f"(sha1 {sha1}, catalogue {expected}); reload the catalogue")
+            image = decode_bytes(data, size=size, name=str(path))
+        else:
+            sha1 = expected or hashlib.sha1(read_file_bytes(str(path))).hexdigest()
+            image = loader(str(path), size)
     except ImageError as exc:
-        return None, exc.reason, getattr(exc, "detail", "") or str(exc)
+        return None, sha1, exc.reason, getattr(exc, "detail", "") or str(exc)
     except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run; recorded with its type
-        return None, "error", f"{type(exc).__name__}: {exc}"
+        return None, sha1, "error", f"{type(exc).__name__}: {exc}"
     if image.shape != (size, size, 3) or image.dtype != np.uint8:
-        return None, "bad_shape", f"loader returned {image.dtype}{list(image.shape)}, expected uint8[{size}, {size}, 3]"
-    return image, None, None
+        return None, sha1, "bad_shape", (f"loader returned {image.dtype}{list(image.shape)}, "
+                                         f"expected uint8[{size}, {size}, 3]")
+    return image, sha1, None, None
+
+
+def catalogue_sha1(df: pd.DataFrame) -> np.ndarray:
+    """The catalogue's ``sha1`` per row (object array; None where absent or not a 40-hex digest)."""
+    if "sha1" not in df.columns:
+        return np.full(len(df), None, dtype=object)
+    text = df["sha1"].astype("string").str.strip().str.lower()
+    valid = text.str.fullmatch(r"[0-9a-f]{40}").fillna(False).to_numpy(dtype=bool)
+    return np.where(valid, text.to_numpy(dtype=object, na_value=None), None)
+
+
+def _file_sha1(path: Any) -> str | None:
+    """SHA-1 of the file at ``path``; None when it cannot be read."""
+    try:
+        return hashlib.sha1(read_file_bytes(str(path))).hexdigest()
+    except (ImageError, TypeError, ValueError):
+        return None
+
+
+def _plan(store: FeatureStore, run_id: int, ids: np.ndarray, paths: np.ndarray, expected: np.ndarray,
+          workers: int) -> tuple[np.ndarray, int]:
+    """``(todo[N] bool, n_replaced)``: ids to (re-)extract. A stored vector is done when its sha1 equals the
+    current content's (``expected``, else the file is hashed now); a stored failure when its sha1 equals it
+    too (None = None: unreadable then and now). ``n_replaced``: stored vectors that will be replaced."""
+    vectors = store.content_sha1(run_id)
+    failed = store.content_sha1(run_id, failures=True)
+    stored = np.array([i in vectors or i in failed for i in ids], dtype=bool)
+    current = expected.copy()
+    hash_now = np.flatnonzero(stored & (current == None))  # noqa: E711 - elementwise on an object array
+    if len(hash_now):
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cbir-hash") as pool:
+            current[hash_now] = list(pool.map(_file_sha1, paths[hash_now]))
+    todo = np.ones(len(ids), dtype=bool)
+    for k in np.flatnonzero(stored):
+        image_id = ids[k]
+        if image_id in vectors:
+            todo[k] = vectors[image_id] is None or vectors[image_id] != current[k]
+        else:
+            todo[k] = failed[image_id] != current[k]
+    n_replaced = int(sum(1 for k in np.flatnonzero(todo & stored) if ids[k] in vectors))
+    return todo, n_replaced
 
 
 def extract_features(
@@ -134,33 +205,44 @@ def extract_features(
     ``model``: a backbone/descriptor name (built with ``layer``, ``pooling``, ``weights``, ``l2_normalize``)
     or an Extractor instance (``input_size``, ``dim``, ``identity()``, ``__call__(uint8[N,H,W,3]) ->
     float32[N,dim]``). ``variant`` labels the image version (``"original"``, ``"roi"``, ...) and ``loader``
-    (``loader(path, size) -> uint8[size,size,3]``, default :func:`cbir.images.read_image`) produces it.
+    (``loader(path, size) -> uint8[size,size,3]``; default: the file read once, hashed and decoded exactly as
+    :func:`cbir.images.read_image` does) produces it.
     ``workers`` decoding threads run ``prefetch`` batches ahead of the model (``workers=0``: decode inline).
     ``pad_batches`` pads a short batch (the last one, or one thinned by bad images) with black images whose
     outputs are dropped, so the model always sees the same input shape (tf.function / jax.jit never retrace).
-    Bad images are recorded as failures (``store.failures(run_id)``), never raised. Images already done in
-    the run with the same identity are skipped, so calling again resumes or is a no-op.
+    Bad images are recorded as failures (``store.failures(run_id)``), never raised; a model output that is
+    not finite is a ``non_finite`` failure. Images already done in the run with the same identity and the
+    same file content (sha1, see the module doc) are skipped, so calling again resumes or is a no-op; other
+    content is re-extracted (``n_vectors_replaced`` in the run's stats). Raises :class:`CatalogError` for a
+    catalogue without rows (before any store or run is made) and :class:`ExtractionError` when no image of
+    the catalogue has a vector (the run is then recorded as ``failed``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     df = catalog_frame(catalog)
+    if len(df) == 0:
+        where = getattr(catalog, "root", None) or "the catalogue"
+        raise CatalogError(f"{where}: no usable image to extract; nothing was written (see `cbir catalog check`)")
     store = open_store(store)
     extractor, l2_here = _resolve_extractor(model, layer=layer, pooling=pooling, weights=weights,
                                             l2_normalize=l2_normalize)
     size = int(extractor.input_size)
-    loader = loader or _read
     run_id = store.start_run(_identity(extractor, variant=variant, l2_here=l2_here), name=name,
                              versions=loaded_library_versions())
     store.put_catalog(df)
 
     ids = df["image_id"].astype(str).to_numpy()
-    done = store.done_ids(run_id) | store.failed_ids(run_id)
-    todo = ~np.isin(ids, np.array(sorted(done), dtype=str)) if done else np.ones(len(ids), dtype=bool)
-    todo_ids, todo_paths = ids[todo], df["path"].to_numpy(dtype=object)[todo]
+    paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
+    todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
+    todo_ids, todo_paths, todo_sha1 = ids[todo], paths[todo], expected[todo]
     if len(todo_ids) == 0:
         if store.run(run_id)["status"] != "complete":
-            store.finish_run(run_id, n_images=len(ids))
+            _finish(store, run_id, ids, n_images=len(ids))
         return run_id
+    if n_replaced:
+        dropped = store.invalidate_derived(run_id)
+        log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
+                    "dropped what was computed from them: %s", store.path, run_id, n_replaced, dropped)
     store.set_status(run_id, "running")
 
     from tqdm import tqdm
@@ -174,11 +256,11 @@ def extract_features(
     pending: deque[tuple[int, list[Any]]] = deque()
 
     def submit(i: int) -> None:
-        paths = todo_paths[i:i + batch_size]
+        batch = list(zip(todo_paths[i:i + batch_size], todo_sha1[i:i + batch_size]))
         if pool is None:
-            pending.append((i, list(paths)))  # decoded when its turn comes
+            pending.append((i, batch))  # decoded when its turn comes
         else:
-            pending.append((i, [pool.submit(_load_one, loader, p, size) for p in paths]))
+            pending.append((i, [pool.submit(_load_one, loader, p, size, e) for p, e in batch]))
 
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo_ids), disable=not progress, unit="img",
                desc=f"{getattr(extractor, 'name', 'features')} run {run_id}", dynamic_ncols=True)
@@ -195,14 +277,14 @@ def extract_features(
             if pool is not None:
                 results = [s.result() for s in slots]
             else:
-                results = [_load_one(loader, p, size) for p in slots]
+                results = [_load_one(loader, p, size, e) for p, e in slots]
             t1 = time.perf_counter()
             following = next(next_start, None)
             if following is not None:
                 submit(following)  # keep the decoders `prefetch` batches ahead
             batch_ids = todo_ids[i:i + batch_size]
             ok = [k for k, r in enumerate(results) if r[0] is not None]
-            fails = [(batch_ids[k], results[k][1], results[k][2]) for k, r in enumerate(results) if r[0] is None]
+            fails = [(batch_ids[k], r[2], r[3], r[1]) for k, r in enumerate(results) if r[0] is None]
             X = np.empty((0, int(extractor.dim)), dtype=np.float32)
             if ok:
                 batch = np.stack([results[k][0] for k in ok])
@@ -211,8 +293,12 @@ def extract_features(
                 X = np.asarray(extractor(batch), dtype=np.float32)[:len(ok)]
                 if l2_here:
                     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+                finite = np.isfinite(X).all(axis=1)
+                fails += [(batch_ids[k], "non_finite", "the model returned NaN or infinite values", results[k][1])
+                          for k, f in zip(ok, finite) if not f]
+                ok, X = [k for k, f in zip(ok, finite) if f], X[finite]
             t2 = time.perf_counter()
-            store.put_features(run_id, batch_ids[ok], X, failures=fails)
+            store.put_features(run_id, batch_ids[ok], X, sha1=[results[k][1] for k in ok], failures=fails)
             t3 = time.perf_counter()
             timings["decode_wait"] += t1 - t0
             timings["model"] += t2 - t1
@@ -234,15 +320,28 @@ def extract_features(
                     future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
-    store.finish_run(
-        run_id, n_images=len(ids), seconds=round(seconds, 4), n_processed=int(len(todo_ids)),
-        n_vectors_written=n_vectors, n_failures_written=n_failed,
+    _finish(
+        store, run_id, ids, n_images=len(ids), seconds=round(seconds, 4), n_processed=int(len(todo_ids)),
+        n_vectors_written=n_vectors, n_failures_written=n_failed, n_vectors_replaced=n_replaced,
         images_per_second=round(len(todo_ids) / seconds, 3) if seconds > 0 else None,
         batch_size=int(batch_size), workers=int(workers), prefetch=int(prefetch),
         seconds_decode_wait=round(timings["decode_wait"], 4), seconds_model=round(timings["model"], 4),
         seconds_write=round(timings["write"], 4),
     )
     return run_id
+
+
+def _finish(store: FeatureStore, run_id: int, ids: np.ndarray, **stats: Any) -> None:
+    """Finish the run: ``complete`` when any catalogue image has a vector, else ``failed`` and
+    :class:`ExtractionError` naming the failure reasons."""
+    if len(store.ids_with_vectors(run_id, ids)):
+        store.finish_run(run_id, **stats)
+        return
+    store.finish_run(run_id, status="failed", **stats)
+    reasons = store.failures(run_id).query("image_id in @ids")["reason"].value_counts().sort_index()
+    listed = ", ".join(f"{reason}: {n}" for reason, n in reasons.items())
+    raise ExtractionError(f"{store.path}: run {run_id}: all {len(ids)} images failed ({listed}); the run is "
+                          f"recorded as failed (details: store.failures({run_id}) or `cbir catalog check`)")
 
 
 def ensure_features(catalog: Any, *, store: FeatureStore | str | os.PathLike[str], model: Any,
@@ -266,6 +365,13 @@ direction of a small catalogue amplifies noise; on the 300 searchable demo image
 cosine sub-category match from 0.96 to 0.51, 16 components kept 0.94."""
 
 
+def whitening_components(n_fit: int) -> int:
+    """The number of whitened components kept for a fit on ``n_fit`` images: ``min(WHITEN_MAX_COMPONENTS,
+    n_fit // 4)``, at least 2 (fewer when the features have lower rank). Shared by :func:`whiten_for_catalog`
+    and the per-fold whitening of :func:`cbir.evaluate.cross_validate`."""
+    return max(2, min(WHITEN_MAX_COMPONENTS, int(n_fit) // 4))
+
+
 def whiten_for_catalog(store: FeatureStore | str | os.PathLike[str], run_id: int, catalog: Any) -> int:
     """:func:`whiten_run` fitted on the catalogue's searchable rows (``split`` not ``"query"``; all rows
     when there is no split column), keeping ``min(WHITEN_MAX_COMPONENTS, n_searchable // 4)`` components
@@ -273,7 +379,7 @@ def whiten_for_catalog(store: FeatureStore | str | os.PathLike[str], run_id: int
     df = catalog_frame(catalog)
     searchable = df["split"].ne("query") if "split" in df.columns else pd.Series(True, index=df.index)
     fit_ids = df.loc[searchable, "image_id"].astype(str).tolist()
-    return whiten_run(store, run_id, fit_ids, n_components=max(2, min(WHITEN_MAX_COMPONENTS, len(fit_ids) // 4)))
+    return whiten_run(store, run_id, fit_ids, n_components=whitening_components(len(fit_ids)))
 
 
 def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_ids: Sequence[str], *,
@@ -306,7 +412,8 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
         return derived
     position = {image_id: i for i, image_id in enumerate(ids.tolist())}
     pca = fit_pca_whitening(X[[position[i] for i in fit]], n_components=n_components, seed=seed)
-    store.put_features(derived, ids, apply_pca_whitening(pca, X))
+    content = store.content_sha1(run_id)  # the whitened vectors come from the same file content
+    store.put_features(derived, ids, apply_pca_whitening(pca, X), sha1=[content.get(i) for i in ids])
     store.finish_run(derived, n_images=len(ids), whiten_fit_images=len(fit),
                      whiten_components=int(pca.n_components_))
     return derived
@@ -316,17 +423,27 @@ def load_run_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
                       ) -> tuple[np.ndarray, np.ndarray]:
     """``(ids[N], X[N, D] float32)``: the run's vectors for the catalogue's images, in catalogue order.
 
-    Images without a vector (failures, not extracted) are left out.
+    Images without a vector (failures, not extracted) are left out. When the catalogue has a ``sha1``
+    column, a vector computed from other content (or of unknown content) raises :class:`StoreError`.
     """
-    store = open_store(store)
-    return store.features(run_id, store.ids_with_vectors(run_id, catalog_frame(catalog)["image_id"]))
+    store = open_store(store, readonly=True)
+    df = catalog_frame(catalog)
+    ids = store.ids_with_vectors(run_id, df["image_id"])
+    expected = dict(zip(df["image_id"].astype(str), catalogue_sha1(df)))
+    stored = store.content_sha1(run_id)
+    other = [str(i) for i in ids if expected[i] is not None and stored.get(i) != expected[i]]
+    if other:
+        raise StoreError(f"{store.path}: run {run_id}: the vectors of {len(other)} image(s) were computed from other "
+                         f"file content than the catalogue's (sha1 differs or unknown): {other[:10]}; extract "
+                         "again (cbir.extract.ensure_features or `cbir extract`) to replace them")
+    return store.features(run_id, ids)
 
 
 def extraction_failures(store: FeatureStore | str | os.PathLike[str], run_id: int, *,
                         root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
     """The images a run could not use: ``image_id, path, reason, detail`` in catalogue order, ``path``
     relative to ``root`` (e.g. ``catalog.root``) when given, so the table does not depend on the machine."""
-    store = open_store(store)
+    store = open_store(store, readonly=True)
     table = store.failures(run_id)
     if root is not None and len(table):
         base = os.path.abspath(root)
@@ -340,7 +457,7 @@ def export_features(store: FeatureStore | str | os.PathLike[str], run_id: int,
     """Write a run to ``out_npz`` (``.npz`` added when missing): arrays ``ids`` (unicode), ``features``
     (float32[N, D]) and ``run`` (the run's metadata as a JSON string); loadable with ``allow_pickle=False``.
     Returns the path written."""
-    store = open_store(store)
+    store = open_store(store, readonly=True)
     info = store.run(run_id)
     ids, X = store.features(run_id)
     out = Path(out_npz)

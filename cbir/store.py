@@ -13,10 +13,17 @@ Layout (schema version in ``PRAGMA user_version``, upgraded by :func:`migrate`):
 - ``runs``: one row per extraction identity (model, layer, pooling, weights, variant, ...). The identity is
   stored as canonical JSON (sorted keys), so the same identity always maps to the same run and an
   interrupted extraction resumes.
-- ``features``: ``(run_id, image_id) -> vector``, a float32 little-endian BLOB.
-- ``failures``: ``(run_id, image_id) -> reason, detail`` for images that could not be read.
+- ``features``: ``(run_id, image_id) -> vector, sha1, crc32``: a float32 little-endian BLOB, the SHA-1 of the
+  image file bytes it was computed from (NULL for vectors written before schema 2: unknown content) and a
+  CRC-32 of the image id and the blob, checked on every read (NULL before schema 2: only finiteness checked).
+- ``failures``: ``(run_id, image_id) -> reason, detail, sha1`` for images that could not be read.
+  An id has one outcome per run: writing a vector removes its failure and vice versa.
 - ``neighbour_sets`` / ``neighbours``: k-NN results per (run, metric, tag).
 - ``results``: named DataFrames (optionally per run) serialised as JSON with their dtypes.
+
+Readers open a store with ``FeatureStore(path, readonly=True)``: never created, never written, and
+readable on read-only storage (a folder where WAL's ``-shm`` cannot be created is read as ``immutable``).
+Every SQLite error becomes a :class:`StoreError` naming the file, with a hint.
 
 This module imports nothing of cbir.
 """
@@ -28,6 +35,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timezone
@@ -37,9 +45,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["FeatureStore", "StoreError", "SCHEMA_VERSION", "migrate", "canonical_json"]
+__all__ = ["FeatureStore", "StoreError", "RunNotFoundError", "SCHEMA_VERSION", "migrate", "canonical_json"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 60_000
 _WRITE_RETRIES = 20
 _VECTOR_DTYPE = np.dtype("<f4")
@@ -52,7 +60,35 @@ _RUN_IDENTITY_COLUMNS = ("model", "layer", "pooling", "weights", "weights_sha1",
 
 
 class StoreError(RuntimeError):
-    """The store file is unusable (not SQLite, newer schema, ...) or a request does not fit its content."""
+    """The store file is unusable (missing, not SQLite, damaged, read-only, disk full, newer schema, ...) or a
+    request does not fit its content. The message names the file."""
+
+
+class RunNotFoundError(StoreError, KeyError):
+    """No run with the requested id (also a ``KeyError``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+#: ``(words in the SQLite message, hint)``, first match wins.
+_HINTS = (
+    (("full",), "the disk (or the store's size limit) is full; free some disk space and retry"),
+    (("readonly", "read-only"), "the file or its folder is read-only; readers open it with "
+                                "FeatureStore(path, readonly=True), writers need write access"),
+    (("not a database", "malformed", "corrupt"), "the file is damaged or not a cbir feature store; restore it "
+                                                 "from a backup or extract into a new store"),
+    (("unable to open",), "check that the file's folder exists and is readable (writable to write)"),
+    (("locked", "busy"), "another process held the store too long; retry when it has finished"),
+    (("i/o",), "the disk reported an I/O error; check the disk and the file"),
+)
+
+
+def store_error(path: Any, exc: BaseException) -> StoreError:
+    """A :class:`StoreError` for a ``sqlite3`` (or OS) error on the store at ``path``, with a hint."""
+    text = str(exc)
+    hint = next((h for words, h in _HINTS if any(w in text.lower() for w in words)), None)
+    return StoreError(f"{path}: {text}" + (f" ({hint})" if hint else ""))
 
 
 # --------------------------------------------------------------------------------------------- JSON helpers
@@ -243,8 +279,17 @@ def _execute_script(con: sqlite3.Connection, script: str) -> None:
             con.execute(statement)
 
 
+def _schema_v2(con: sqlite3.Connection) -> None:
+    """Content hashes: the sha1 of the image file behind each vector/failure and a CRC-32 of each vector."""
+    _execute_script(con, """
+        ALTER TABLE features ADD COLUMN sha1 TEXT;
+        ALTER TABLE features ADD COLUMN crc32 INTEGER;
+        ALTER TABLE failures ADD COLUMN sha1 TEXT
+        """)
+
+
 #: ``version -> function`` bringing a store from ``version - 1`` to ``version`` (run inside one transaction).
-MIGRATIONS = {1: _schema_v1}
+MIGRATIONS = {1: _schema_v1, 2: _schema_v2}
 
 
 def migrate(con: sqlite3.Connection, *, path: str = "<store>") -> int:
@@ -291,14 +336,18 @@ def _begin_immediate(con: sqlite3.Connection) -> None:
 
 # --------------------------------------------------------------------------------------------- the store
 class FeatureStore:
-    """A SQLite feature store at ``path`` (created with its parent folders when missing).
+    """A SQLite feature store at ``path``.
 
-    Safe to share between threads of one process (a lock serialises calls) and between processes
+    Writable (default): created with its parent folders when missing. ``readonly=True``: for readers; a
+    missing file is a :class:`StoreError` (nothing is created), nothing is ever written, and a store on
+    read-only storage (a folder where WAL's ``-shm`` file cannot be created, a read-only file) is still
+    readable. Safe to share between threads of one process (a lock serialises calls) and between processes
     (WAL, busy timeout, immediate transactions). Picklable: a copy re-opens the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = Path(path).expanduser().resolve()
+        self.readonly = bool(readonly)
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
         self._pid: int | None = None
@@ -310,9 +359,20 @@ class FeatureStore:
             return self._con
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a folder, expected a SQLite file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                              check_same_thread=False)
+        con = self._open_readonly() if self.readonly else self._open_writable()
+        self._con, self._pid = con, os.getpid()
+        return con
+
+    def _open_writable(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot create the store's folder {exc.filename} ({exc.strerror})") from exc
+        try:
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                  check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise store_error(self.path, exc) from exc
         try:
             con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if con.execute("PRAGMA page_count").fetchone()[0] == 0:
@@ -325,11 +385,54 @@ class FeatureStore:
             migrate(con, path=str(self.path))
         except sqlite3.DatabaseError as exc:
             con.close()
-            raise StoreError(f"{self.path}: not a usable SQLite feature store ({exc})") from exc
+            if "not a database" in str(exc):
+                raise StoreError(f"{self.path}: not a usable SQLite feature store ({exc})") from exc
+            raise store_error(self.path, exc) from exc
         except BaseException:
             con.close()
             raise
-        self._con, self._pid = con, os.getpid()
+        return con
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """``mode=ro``; where WAL cannot work (no writable folder for ``-shm``), ``immutable=1`` unless a
+        ``-wal`` file holds changes that only a writer can bring into the file."""
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such feature store")
+        try:
+            con = self._connect_uri("mode=ro")
+        except sqlite3.OperationalError as exc:
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.is_file() and wal.stat().st_size > 0:
+                raise StoreError(f"{self.path}: cannot be read here ({exc}): {wal.name} holds changes not yet "
+                                 "written into the store, and its folder is read-only; open it once with write "
+                                 "access") from exc
+            try:
+                con = self._connect_uri("mode=ro&immutable=1")
+            except sqlite3.Error as exc2:
+                raise store_error(self.path, exc2) from exc2
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable SQLite feature store ({exc})") from exc
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            con.close()
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: schema version {version} is newer than this cbir "
+                                 f"(knows up to {SCHEMA_VERSION}); upgrade cbir to read it")
+            if version == 0:
+                raise StoreError(f"{self.path}: not a cbir feature store (no schema)")
+            raise StoreError(f"{self.path}: schema version {version} is older than this cbir's "
+                             f"{SCHEMA_VERSION}; open it once without readonly=True to upgrade it")
+        return con
+
+    def _connect_uri(self, query: str) -> sqlite3.Connection:
+        con = sqlite3.connect(f"{self.path.as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                              isolation_level=None, check_same_thread=False)
+        try:
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # opening is lazy: fail here
+        except BaseException:
+            con.close()
+            raise
         return con
 
     @staticmethod
@@ -344,9 +447,22 @@ class FeatureStore:
         raise AssertionError("unreachable")
 
     @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """Turn ``sqlite3`` errors (disk full, read-only, damaged file, ...) into :class:`StoreError`."""
+        try:
+            yield
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # a bug in the calling code, not a problem of the file
+        except sqlite3.Error as exc:
+            raise store_error(self.path, exc) from exc
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any error)."""
-        with self._lock:
+        if self.readonly:
+            raise StoreError(f"{self.path}: opened read-only (FeatureStore(path, readonly=True)); "
+                             "open it without readonly to write")
+        with self._lock, self._sqlite_errors():
             con = self._connect()
             _begin_immediate(con)
             try:
@@ -358,11 +474,11 @@ class FeatureStore:
             con.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             return self._connect().execute(sql, params).fetchall()
 
     def _frame(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             cur = self._connect().execute(sql, params)
             rows = cur.fetchall()
             columns = [d[0] for d in cur.description]
@@ -382,13 +498,13 @@ class FeatureStore:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "readonly": self.readonly}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], readonly=state.get("readonly", False))
 
     def __repr__(self) -> str:
-        return f"FeatureStore({str(self.path)!r})"
+        return f"FeatureStore({str(self.path)!r}" + (", readonly=True)" if self.readonly else ")")
 
     @property
     def schema_version(self) -> int:
@@ -493,8 +609,29 @@ class FeatureStore:
     def _require_run(self, con: sqlite3.Connection, run_id: int) -> sqlite3.Row | tuple:
         row = con.execute("SELECT run_id, dim FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
         if row is None:
-            raise KeyError(f"{self.path}: no run with id {run_id}")
+            raise self._run_not_found(con, run_id)
         return row
+
+    def _run_not_found(self, con: sqlite3.Connection, run_id: Any) -> RunNotFoundError:
+        """``run 99 not found in <store>; runs: 1, 2``."""
+        have = [str(r[0]) for r in con.execute("SELECT run_id FROM runs ORDER BY run_id")]
+        return RunNotFoundError(f"run {run_id} not found in {self.path}; runs: {', '.join(have) or 'none'}")
+
+    def invalidate_derived(self, run_id: int) -> dict[str, int]:
+        """Delete what was computed from run ``run_id``'s current vectors (call before replacing them):
+        its neighbour sets, its result tables and the runs derived from it (``whiten_source_run``).
+        Returns the counts deleted: ``neighbour_sets``, ``tables``, ``derived_runs``."""
+        with self._write() as con:
+            self._require_run(con, run_id)
+            derived = [r[0] for r in con.execute(
+                "SELECT run_id FROM runs WHERE json_extract(params, '$.whiten_source_run') = ?", (int(run_id),))]
+            counts = {
+                "neighbour_sets": con.execute("DELETE FROM neighbour_sets WHERE run_id = ?", (int(run_id),)).rowcount,
+                "tables": con.execute("DELETE FROM results WHERE run_id = ?", (int(run_id),)).rowcount,
+                "derived_runs": len(derived),
+            }
+            con.executemany("DELETE FROM runs WHERE run_id = ?", [(r,) for r in derived])
+        return counts
 
     _RUNS_SQL = (
         "SELECT r.run_id, r.name, r.model, r.layer, r.pooling, r.weights, r.weights_sha1, r.variant,"
@@ -517,7 +654,8 @@ class FeatureStore:
         """One run as a dict (the columns of :meth:`runs`, with ``n_features`` and ``n_failures``)."""
         frame = self._frame(self._RUNS_SQL + " WHERE r.run_id = ?", (int(run_id),))
         if frame.empty:
-            raise KeyError(f"{self.path}: no run with id {run_id}")
+            with self._lock, self._sqlite_errors():
+                raise self._run_not_found(self._connect(), run_id)
         row = {k: (None if _is_missing(v) else v) for k, v in frame.iloc[0].to_dict().items()}
         for col in ("params", "versions", "stats"):
             row[col] = json.loads(row[col])
@@ -542,9 +680,18 @@ class FeatureStore:
         return None
 
     # -- features ---------------------------------------------------------------------------
-    def done_ids(self, run_id: int) -> set[str]:
-        """Image ids that already have a feature vector in ``run_id``."""
-        return {r[0] for r in self._read("SELECT image_id FROM features WHERE run_id = ?", (int(run_id),))}
+    def done_ids(self, run_id: int, sha1: Mapping[str, str | None] | None = None) -> set[str]:
+        """Image ids that already have a feature vector in ``run_id``; with ``sha1`` (``image_id -> sha1`` of
+        the current files) only those whose vector was computed from that very content."""
+        if sha1 is None:
+            return {r[0] for r in self._read("SELECT image_id FROM features WHERE run_id = ?", (int(run_id),))}
+        return {i for i, s in self.content_sha1(run_id).items() if s is not None and sha1.get(i) == s}
+
+    def content_sha1(self, run_id: int, *, failures: bool = False) -> dict[str, str | None]:
+        """``image_id -> sha1`` of the file content each stored vector (``failures=True``: each recorded
+        failure) of ``run_id`` came from; None where unknown (written before schema 2, or unreadable file)."""
+        table = "failures" if failures else "features"
+        return dict(self._read(f"SELECT image_id, sha1 FROM {table} WHERE run_id = ?", (int(run_id),)))
 
     def ids_with_vectors(self, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """The ``ids`` (as str, in the given order) that have a feature vector in ``run_id``."""
@@ -556,11 +703,13 @@ class FeatureStore:
         return {r[0] for r in self._read("SELECT image_id FROM failures WHERE run_id = ?", (int(run_id),))}
 
     def put_features(self, run_id: int, ids: Sequence[str] | np.ndarray, X: np.ndarray, *,
-                     failures: Iterable[Sequence[str]] = ()) -> int:
-        """Write ``X[N, D]`` (stored as float32) for ``ids[N]`` (and ``failures``) in ONE transaction.
+                     sha1: Sequence[str | None] | None = None, failures: Iterable[Sequence[Any]] = ()) -> int:
+        """Write ``X[N, D]`` (stored as float32, finite) for ``ids[N]`` (and ``failures``) in ONE transaction.
 
-        INSERT OR REPLACE, so re-writing a vector is harmless. The first write fixes the run's ``dim``; later
-        writes must match it. Returns N.
+        ``sha1[N]``: the SHA-1 of the image file bytes each vector was computed from (None: unknown).
+        ``failures``: ``(image_id, reason[, detail[, sha1]])``. An id keeps one outcome: a vector replaces the
+        id's vector and failure, a failure its vector and failure. The first write fixes the run's ``dim``;
+        later writes must match it. Non-finite vectors are refused (``ValueError`` naming the ids). Returns N.
         """
         ids = [str(i) for i in ids]
         X = np.asarray(X)
@@ -568,7 +717,16 @@ class FeatureStore:
             raise ValueError(f"{self.path}: put_features needs X of shape (len(ids)={len(ids)}, D), got {X.shape}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"{self.path}: put_features got duplicate image ids")
+        sha1 = [None] * len(ids) if sha1 is None else [None if s is None else str(s) for s in sha1]
+        if len(sha1) != len(ids):
+            raise ValueError(f"{self.path}: put_features got {len(sha1)} sha1 values for {len(ids)} ids")
         X = np.ascontiguousarray(X, dtype=_VECTOR_DTYPE)
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{self.path}: run {run_id}: refusing non-finite (NaN or infinite) vectors for "
+                             f"{int(bad.sum())} id(s): {[i for i, b in zip(ids, bad) if b][:10]}")
+        blobs = [row.tobytes() for row in X]
+        rows = [(int(run_id), i, b, s, _crc32(i, b)) for i, b, s in zip(ids, blobs, sha1)]
         fails = [_failure_row(f) for f in failures]
         with self._write() as con:
             _, dim = self._require_run(con, run_id)
@@ -577,20 +735,26 @@ class FeatureStore:
                     con.execute("UPDATE runs SET dim = ? WHERE run_id = ?", (X.shape[1], int(run_id)))
                 elif dim != X.shape[1]:
                     raise ValueError(f"{self.path}: run {run_id} stores {dim}-d vectors, got {X.shape[1]}-d")
-                con.executemany("INSERT OR REPLACE INTO features (run_id, image_id, vector) VALUES (?, ?, ?)",
-                                zip([int(run_id)] * len(ids), ids, [row.tobytes() for row in X]))
-            if fails:
-                con.executemany("INSERT OR REPLACE INTO failures (run_id, image_id, reason, detail)"
-                                " VALUES (?, ?, ?, ?)", [(int(run_id), *f) for f in fails])
+                con.executemany("INSERT OR REPLACE INTO features (run_id, image_id, vector, sha1, crc32)"
+                                " VALUES (?, ?, ?, ?, ?)", rows)
+                con.executemany("DELETE FROM failures WHERE run_id = ? AND image_id = ?",
+                                [(int(run_id), i) for i in ids])
+            self._insert_failures(con, run_id, fails)
         return len(ids)
 
-    def put_failures(self, run_id: int, failures: Iterable[Sequence[str]]) -> int:
-        """Record ``(image_id, reason[, detail])`` failures for ``run_id`` in one transaction; returns the count."""
+    @staticmethod
+    def _insert_failures(con: sqlite3.Connection, run_id: int, fails: list[tuple]) -> None:
+        con.executemany("INSERT OR REPLACE INTO failures (run_id, image_id, reason, detail, sha1)"
+                        " VALUES (?, ?, ?, ?, ?)", [(int(run_id), *f) for f in fails])
+        con.executemany("DELETE FROM features WHERE run_id = ? AND image_id = ?", [(int(run_id), f[0]) for f in fails])
+
+    def put_failures(self, run_id: int, failures: Iterable[Sequence[Any]]) -> int:
+        """Record ``(image_id, reason[, detail[, sha1]])`` failures for ``run_id`` in one transaction (replacing
+        those ids' vectors); returns the count."""
         fails = [_failure_row(f) for f in failures]
         with self._write() as con:
             self._require_run(con, run_id)
-            con.executemany("INSERT OR REPLACE INTO failures (run_id, image_id, reason, detail)"
-                            " VALUES (?, ?, ?, ?)", [(int(run_id), *f) for f in fails])
+            self._insert_failures(con, run_id, fails)
         return len(fails)
 
     def failures(self, run_id: int) -> pd.DataFrame:
@@ -609,22 +773,25 @@ class FeatureStore:
 
         With ``ids`` the rows follow ``ids`` exactly (a ``KeyError`` names the ids without a vector);
         without, every stored vector in catalogue order (vectors of images absent from the catalogue last).
+        Every vector read is checked (its CRC-32 and finiteness): a damaged one raises :class:`StoreError`
+        naming the store, the run and the ids.
         """
-        with self._lock:
+        with self._lock, self._sqlite_errors():
             con = self._connect()
             _, dim = self._require_run(con, run_id)
             if ids is None:
                 # No ORDER BY: sorting the blobs in SQLite costs twice the read; order by catalogue row in numpy.
                 rows = con.execute(
-                    "SELECT f.image_id, f.vector, i.rowid FROM features f LEFT JOIN images i"
+                    "SELECT f.image_id, f.vector, i.rowid, f.crc32 FROM features f LEFT JOIN images i"
                     " ON i.image_id = f.image_id WHERE f.run_id = ?", (int(run_id),)).fetchall()
             else:
                 wanted = [str(i) for i in ids]
                 rows = con.execute(
-                    "SELECT f.image_id, f.vector, 0 FROM features f WHERE f.run_id = ?"
-                    " AND f.image_id IN (SELECT value FROM json_each(?))", (int(run_id), _dumps(wanted))).fetchall()
+                    "SELECT f.image_id, f.vector, 0, f.crc32 FROM features f WHERE f.run_id = ? AND f.image_id IN"
+                    " (SELECT value FROM json_each(?))", (int(run_id), _dumps(wanted))).fetchall()
         dim = int(dim or 0)
-        got_ids, blobs, pos = zip(*rows) if rows else ((), (), ())
+        got_ids, blobs, pos, crcs = zip(*rows) if rows else ((), (), (), ())
+        self._check_vectors(run_id, dim, got_ids, blobs, crcs)
         if ids is None:
             pos = np.array([-1 if p is None else p for p in pos], dtype=np.int64)
             order = np.lexsort((pos, pos < 0))  # catalogue order; ids absent from the catalogue last
@@ -637,7 +804,22 @@ class FeatureStore:
         buffer = bytearray().join([blobs[i] for i in order])  # one copy, writable
         X = np.frombuffer(buffer, dtype=_VECTOR_DTYPE).reshape(len(order), dim).astype(np.float32, copy=False)
         out_ids = np.array([got_ids[i] for i in order] if ids is None else wanted, dtype=str)
+        bad = ~np.isfinite(X).all(axis=1)
+        if bad.any():
+            raise StoreError(f"{self.path}: run {run_id}: stored vector(s) of {sorted(set(out_ids[bad]))[:10]} hold "
+                             "non-finite values (NaN or infinite): the store is damaged; re-extract them")
         return out_ids, X
+
+    def _check_vectors(self, run_id: int, dim: int, ids: Sequence[str], blobs: Sequence[bytes],
+                       crcs: Sequence[int | None]) -> None:
+        """Raise :class:`StoreError` naming the ids whose blob fails its CRC-32 or has the wrong size (CRCs are
+        NULL for vectors written before schema 2: size only; :meth:`features` checks finiteness)."""
+        width = dim * _VECTOR_DTYPE.itemsize
+        damaged = [i for i, b, c in zip(ids, blobs, crcs)
+                   if len(b) != width or (c is not None and c != _crc32(i, b))]
+        if damaged:
+            raise StoreError(f"{self.path}: run {run_id}: {len(damaged)} stored vector(s) are damaged (checksum "
+                             f"or size mismatch): {damaged[:10]}; re-extract them into a new store or restore a backup")
 
     # -- neighbours -------------------------------------------------------------------------
     def put_neighbours(self, run_id: int, metric: str, df: pd.DataFrame, *, tag: str = "",
@@ -721,11 +903,16 @@ def _is_missing(value: Any) -> bool:
         return False
 
 
-def _failure_row(failure: Sequence[Any]) -> tuple[str, str, str | None]:
-    if isinstance(failure, str) or not 2 <= len(failure) <= 3:
-        raise ValueError(f"a failure is (image_id, reason[, detail]), got {failure!r}")
-    detail = failure[2] if len(failure) == 3 else None
-    return str(failure[0]), str(failure[1]), None if detail is None else str(detail)
+def _failure_row(failure: Sequence[Any]) -> tuple[str, str, str | None, str | None]:
+    if isinstance(failure, str) or not 2 <= len(failure) <= 4:
+        raise ValueError(f"a failure is (image_id, reason[, detail[, sha1]]), got {failure!r}")
+    detail, sha1 = (list(failure[2:]) + [None, None])[:2]
+    return str(failure[0]), str(failure[1]), None if detail is None else str(detail), None if sha1 is None else str(sha1)
+
+
+def _crc32(image_id: str, blob: bytes) -> int:
+    """CRC-32 of the image id and the vector blob (so a vector moved to another id fails too)."""
+    return zlib.crc32(blob, zlib.crc32(image_id.encode("utf-8") + b"\0"))
 
 
 def _text_column(series: pd.Series) -> list[str | None]:
@@ -757,6 +944,7 @@ def _float_column(series: pd.Series) -> list[float | None]:
     return [None if math.isnan(v) else float(v) for v in values]
 
 
-def open_store(store: FeatureStore | str | os.PathLike[str]) -> FeatureStore:
-    """``store`` itself when it is a :class:`FeatureStore`, else the store at that path."""
-    return store if isinstance(store, FeatureStore) else FeatureStore(store)
+def open_store(store: FeatureStore | str | os.PathLike[str], *, readonly: bool = False) -> FeatureStore:
+    """``store`` itself when it is a :class:`FeatureStore`, else the store at that path (``readonly``: for
+    readers; a missing file is a :class:`StoreError`)."""
+    return store if isinstance(store, FeatureStore) else FeatureStore(store, readonly=readonly)

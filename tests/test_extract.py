@@ -435,3 +435,116 @@ def test_extraction_failures_paths_relative_to_the_catalogue_root(tmp_path, cata
     assert table[["image_id", "path", "reason"]].values.tolist() == [
         ["bad_empty", "empty.jpg", "empty"], ["bad_text", "text.jpg", "not_an_image"]]
     assert extraction_failures(store, run_id)["path"].tolist() == [str(root / "empty.jpg"), str(root / "text.jpg")]
+
+
+# --------------------------------------------------------------------------------------------- content (issue 10)
+def _shop(folder: Path, *, seed: int, n: int = 8, same: int = 0, sha1: bool = True) -> pd.DataFrame:
+    """``n`` images ``p0..p{n-1}`` (seeded random colour blocks); the first ``same`` are the seed-0 images,
+    so two shops share those files' content. With ``sha1``, the column a validated catalogue has."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rng = np.random.default_rng([0 if i < same else seed, i])
+        image = np.kron(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), np.ones((8, 8, 1), np.uint8))
+        path = folder / f"p{i}.png"
+        Image.fromarray(image).save(path)
+        rows.append({"image_id": f"p{i}", "path": str(path), "sha1": hashlib.sha1(path.read_bytes()).hexdigest()})
+    df = pd.DataFrame(rows)
+    return df if sha1 else df.drop(columns="sha1")
+
+
+@pytest.mark.parametrize("sha1", [True, False], ids=["catalogue-sha1", "computed-sha1"])
+def test_a_second_catalogue_under_the_same_ids_gets_its_own_vectors(tmp_path, sha1):
+    shop_a = _shop(tmp_path / "a", seed=0, sha1=sha1)
+    shop_b = _shop(tmp_path / "b", seed=1, same=2, sha1=sha1)  # p0, p1 identical to A's; p2..p7 other files
+    store = FeatureStore(tmp_path / "s.sqlite")
+    run_id = extract_features(shop_a, model="color_hist", store=store, progress=False)
+    a_X = store.features(run_id)[1]
+    store.put_neighbours(run_id, "cosine", pd.DataFrame({"query_id": ["p0"], "rank": [1], "neighbour_id": ["p1"],
+                                                         "distance": [0.5]}))
+    assert extract_features(shop_b, model="color_hist", store=store, progress=False) == run_id
+    stats = store.run(run_id)["stats"]
+    assert (stats["n_processed"], stats["n_vectors_replaced"]) == (6, 6)  # p0, p1 kept: same content
+    assert store.neighbour_sets().empty  # neighbours computed from A's vectors are gone
+
+    fresh = FeatureStore(tmp_path / "fresh.sqlite")
+    fresh_id = extract_features(shop_b, model="color_hist", store=fresh, progress=False)
+    ids, X = store.features(run_id)
+    assert ids.tolist() == fresh.features(fresh_id)[0].tolist() == [f"p{i}" for i in range(8)]
+    np.testing.assert_array_equal(X, fresh.features(fresh_id)[1])  # bit-identical to a fresh extraction of B
+    assert not np.array_equal(X[2:], a_X[2:]) and np.array_equal(X[:2], a_X[:2])
+    assert store.content_sha1(run_id) == fresh.content_sha1(fresh_id)
+    finished = store.run(run_id)["finished"]
+    assert extract_features(shop_b, model="color_hist", store=store, progress=False) == run_id
+    assert store.run(run_id)["finished"] == finished  # a third call is a no-op
+
+
+def test_reading_vectors_of_other_file_content_is_refused(tmp_path):
+    from cbir.store import StoreError
+
+    shop_a, shop_b = _shop(tmp_path / "a", seed=0), _shop(tmp_path / "b", seed=1, same=5)
+    store = FeatureStore(tmp_path / "s.sqlite")
+    run_id = extract_features(shop_a, model="color_hist", store=store, progress=False)
+    assert load_run_features(store, run_id, shop_a)[0].tolist() == [f"p{i}" for i in range(8)]
+    with pytest.raises(StoreError, match=r"s.sqlite: run 1: the vectors of 3 image\(s\).*\['p5', 'p6', 'p7'\]"):
+        load_run_features(store, run_id, shop_b)
+    assert load_run_features(store, run_id, shop_b.drop(columns="sha1"))[0].size == 8  # no sha1: cannot check
+
+
+def test_a_file_now_broken_or_changed_since_the_check_loses_its_old_vector(tmp_path):
+    shop = _shop(tmp_path / "a", seed=0)
+    store = FeatureStore(tmp_path / "s.sqlite")
+    run_id = extract_features(shop, model="color_hist", store=store, progress=False)
+    import hashlib
+
+    def replace(i: int, write) -> str:
+        write(Path(shop.loc[i, "path"]))
+        return hashlib.sha1(Path(shop.loc[i, "path"]).read_bytes()).hexdigest()
+
+    checked = shop.copy()  # the catalogue checked again after p3 broke and p4 was edited ...
+    checked.loc[3, "sha1"] = replace(3, lambda p: p.write_text("not an image any more"))
+    checked.loc[4, "sha1"] = replace(4, lambda p: Image.new("RGB", (32, 32), (9, 9, 9)).save(p))
+    replace(4, lambda p: Image.new("RGB", (32, 32), (0, 9, 9)).save(p))  # ... and p4 edited once more since
+    extract_features(checked, model="color_hist", store=store, progress=False)
+    fails = store.failures(run_id).set_index("image_id")
+    assert fails["reason"].to_dict() == {"p3": "not_an_image", "p4": "changed"}
+    assert "changed since the catalogue was checked" in fails.loc["p4", "detail"]
+    assert sorted(store.done_ids(run_id)) == ["p0", "p1", "p2", "p5", "p6", "p7"]  # old vectors of p3, p4 gone
+    assert store.run(run_id)["stats"]["n_vectors_replaced"] == 2
+
+
+def test_non_finite_model_outputs_are_failures_not_vectors(tmp_path):
+    class Broken(TinyExtractor):
+        def __call__(self, batch):
+            X = super().__call__(batch)
+            X[batch[:, 0, 0, 0] == 7] = np.nan  # the model blows up on one image
+            return X
+
+    shop = _shop(tmp_path / "a", seed=0, n=4)
+    Image.new("RGB", (32, 32), (7, 0, 0)).save(shop.loc[2, "path"])
+    store = FeatureStore(tmp_path / "s.sqlite")
+    run_id = extract_features(shop.drop(columns="sha1"), model=Broken(), store=store, progress=False)
+    assert sorted(store.done_ids(run_id)) == ["p0", "p1", "p3"]
+    fails = store.failures(run_id)
+    assert fails[["image_id", "reason"]].values.tolist() == [["p2", "non_finite"]]
+    assert "NaN or infinite" in fails["detail"].iloc[0]
+
+
+def test_an_unusable_catalogue_makes_no_run_and_an_all_failed_run_is_failed(tmp_path):
+    from cbir.catalog import CatalogError
+    from cbir.extract import ExtractionError
+
+    empty = pd.DataFrame({"image_id": pd.Series([], dtype=str), "path": pd.Series([], dtype=str)})
+    with pytest.raises(CatalogError, match="no usable image to extract"):
+        extract_features(empty, model=TinyExtractor(), store=tmp_path / "s.sqlite", progress=False)
+    assert not (tmp_path / "s.sqlite").exists()  # refused before any store or run was made
+
+    (tmp_path / "a.jpg").write_text("text")
+    bad = pd.DataFrame({"image_id": ["a", "b"], "path": [str(tmp_path / "a.jpg"), str(tmp_path / "gone.jpg")]})
+    store = FeatureStore(tmp_path / "s.sqlite")
+    for _ in range(2):  # a rerun of a failed run stays failed
+        with pytest.raises(ExtractionError, match=r"s.sqlite: run 1: all 2 images failed.*missing: 1.*not_an_image: 1"):
+            extract_features(bad, model=TinyExtractor(), store=store, progress=False)
+        assert store.run(1)["status"] == "failed"

@@ -3,9 +3,11 @@ and two processes writing into one store at the same time."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import sqlite3
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -137,7 +139,7 @@ def test_same_identity_gives_the_same_run_and_canonical_json_sorts_keys(fs):
         "mobilenet_v2", "out_relu", "gap", "original", 224, 4)
     assert info["params"] == IDENTITY and info["versions"] == {"numpy": "2"} and info["status"] == "running"
     assert fs.start_run(IDENTITY, name="renamed") == a and fs.run(a)["name"] == "renamed"
-    with pytest.raises(KeyError, match="no run with id 99"):
+    with pytest.raises(KeyError, match="run 99 not found in"):
         fs.run(99)
 
 
@@ -389,3 +391,239 @@ def test_an_empty_store_answers_with_empty_tables(fs):
     run_id = fs.start_run(IDENTITY)
     ids, X = fs.features(run_id)
     assert ids.shape == (0,) and X.shape == (0, 4) and fs.done_ids(run_id) == set()
+
+
+# --------------------------------------------------------------------------------------------- content hashes (issue 10)
+def _v1_store(path) -> None:
+    """A store as cbir wrote it before schema 2: no sha1/crc32 columns, one vector."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("BEGIN")
+    store_module._schema_v1(con)
+    con.execute("PRAGMA user_version = 1")
+    con.execute("INSERT INTO images (image_id, path) VALUES ('img0', '/data/img0.jpg')")
+    con.execute("INSERT INTO runs (identity_key, model, dim, params, created) VALUES ('{}', 'm', 2, '{}', 'now')")
+    con.execute("INSERT INTO features VALUES (1, 'img0', ?)", (np.array([1, 2], "<f4").tobytes(),))
+    con.execute("INSERT INTO failures VALUES (1, 'img1', 'empty', NULL)")
+    con.execute("COMMIT")
+    con.close()
+
+
+def test_a_schema_1_store_is_migrated_and_its_vectors_have_unknown_content(tmp_path):
+    path = tmp_path / "old.sqlite"
+    _v1_store(path)
+    fs = FeatureStore(path)
+    assert fs.schema_version == SCHEMA_VERSION >= 2
+    ids, X = fs.features(1)
+    assert ids.tolist() == ["img0"] and X.tolist() == [[1.0, 2.0]]  # old vectors stay readable
+    assert fs.content_sha1(1) == {"img0": None}  # unknown content: re-extracted by the next extraction
+    assert fs.content_sha1(1, failures=True) == {"img1": None}
+
+
+def test_vectors_keep_the_sha1_of_their_file_and_a_new_outcome_replaces_the_old(fs):
+    fs.put_catalog(_catalog())
+    run_id = fs.start_run(IDENTITY)
+    fs.put_features(run_id, ["img0", "img1"], np.ones((2, 4)), sha1=["a" * 40, "b" * 40],
+                    failures=[("img2", "empty", "0 bytes", None)])
+    assert fs.content_sha1(run_id) == {"img0": "a" * 40, "img1": "b" * 40}
+    assert fs.content_sha1(run_id, failures=True) == {"img2": None}
+    assert fs.done_ids(run_id, sha1={"img0": "a" * 40, "img1": "c" * 40}) == {"img0"}  # img1's file changed
+    # img1 now fails (its new file is broken) and img2 now works: each id keeps only its latest outcome
+    fs.put_features(run_id, ["img2"], np.zeros((1, 4)), sha1=["d" * 40], failures=[("img1", "truncated", "x", "e" * 40)])
+    assert fs.done_ids(run_id) == {"img0", "img2"} and fs.failed_ids(run_id) == {"img1"}
+    assert fs.content_sha1(run_id, failures=True) == {"img1": "e" * 40}
+    with pytest.raises(ValueError, match="sha1"):
+        fs.put_features(run_id, ["img3"], np.zeros((1, 4)), sha1=["a" * 40, "b" * 40])
+
+
+def test_replacing_vectors_drops_what_was_computed_from_the_old_ones(fs):
+    fs.put_catalog(_catalog())
+    run_id = fs.start_run(IDENTITY)
+    derived = fs.start_run({**IDENTITY, "variant": "original+pcaw", "whiten_source_run": run_id})
+    other = fs.start_run({**IDENTITY, "pooling": "mac"})
+    for r in (run_id, derived, other):
+        fs.put_features(r, ["img0"], np.ones((1, 4)))
+        fs.put_neighbours(r, "cosine", _neighbours(["img0"], 1))
+        fs.put_table("scores", pd.DataFrame({"a": [1]}), run_id=r)
+    assert fs.invalidate_derived(run_id) == {"neighbour_sets": 1, "tables": 1, "derived_runs": 1}
+    assert fs.runs()["run_id"].tolist() == [run_id, other]  # the whitened run of the old vectors is gone
+    assert fs.neighbour_sets()["run_id"].tolist() == [other]
+    assert fs.tables()["run_id"].tolist() == [other]
+    assert fs.features(run_id)[0].tolist() == ["img0"]  # the vectors themselves stay until replaced
+
+
+# --------------------------------------------------------------------------------------------- damaged vectors (issue 10)
+def _flip_bytes_in_file(path, needle: bytes, offset: int, length: int) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(needle)
+    assert at >= 0 and data.find(needle, at + 1) < 0, "the vector bytes must occur exactly once in the file"
+    data[at + offset:at + offset + length] = bytes(b ^ 0x5A for b in data[at + offset:at + offset + length])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_vector_blob_is_refused_naming_the_store_run_and_ids(tmp_path):
+    path = tmp_path / "f.sqlite"
+    fs = FeatureStore(path)
+    ids = [f"img{i}" for i in range(6)]
+    fs.put_catalog(pd.DataFrame({"image_id": ids, "path": ids}))
+    run_id = fs.start_run({**IDENTITY, "dim": 128})
+    X = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
+    fs.put_features(run_id, ids, X)
+    fs.close()
+    _flip_bytes_in_file(path, X[3].tobytes(), 100, 256)  # 256 bytes of garbage inside img3's vector
+    assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"  # SQLite sees nothing
+    fs = FeatureStore(path)
+    with pytest.raises(StoreError, match=rf"f.sqlite.*run {run_id}.*damaged.*\['img3'\]"):
+        fs.features(run_id)
+    with pytest.raises(StoreError, match=r"\['img3'\]"):
+        fs.features(run_id, ["img3", "img0"])
+    got_ids, got = fs.features(run_id, ["img5", "img0"])  # the intact vectors stay readable
+    np.testing.assert_array_equal(got, X[[5, 0]])
+
+
+def test_a_non_finite_vector_is_refused_on_write_and_on_read(tmp_path):
+    path = tmp_path / "f.sqlite"
+    fs = FeatureStore(path)
+    fs.put_catalog(_catalog())
+    run_id = fs.start_run(IDENTITY)
+    bad = np.ones((3, 4), np.float32)
+    bad[1, 2] = np.nan
+    bad[2, 0] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite.*\['img1', 'img2'\]"):
+        fs.put_features(run_id, ["img0", "img1", "img2"], bad)
+    assert fs.done_ids(run_id) == set()
+    # a legacy row (no checksum) turned into NaN on disk: the finiteness check still catches it
+    fs.put_features(run_id, ["img0"], np.full((1, 4), 0.5))
+    con = sqlite3.connect(path)
+    con.execute("UPDATE features SET crc32 = NULL, vector = ?", (np.array([1, np.nan, 2, 3], "<f4").tobytes(),))
+    con.commit()
+    with pytest.raises(StoreError, match=r"run \d+.*img0.*non-finite"):
+        fs.features(run_id)
+
+
+# --------------------------------------------------------------------------------------------- errors (issue 10)
+def test_missing_store_unknown_run_and_sqlite_errors_are_store_errors(tmp_path):
+    missing = tmp_path / "no" / "such" / "f.sqlite"
+    with pytest.raises(StoreError, match=r"f.sqlite: no such feature store"):
+        FeatureStore(missing, readonly=True)
+    assert not (tmp_path / "no").exists()  # nothing created
+    fs = FeatureStore(tmp_path / "f.sqlite")
+    a, b = fs.start_run(IDENTITY), fs.start_run({**IDENTITY, "pooling": "mac"})
+    with pytest.raises(StoreError, match=rf"run 99 not found in .*f.sqlite; runs: {a}, {b}$") as info:
+        fs.run(99)
+    assert isinstance(info.value, KeyError)  # still a KeyError for callers that look ids up
+    fs.put_catalog(_catalog())
+    wide = fs.start_run({**IDENTITY, "dim": 20000})
+    fs._connect().execute("PRAGMA max_page_count = 12")  # the disk is full from here on
+    with pytest.raises(StoreError, match=r"f.sqlite: .*full.*free some disk space"):
+        fs.put_features(wide, [f"img{i}" for i in range(6)], np.ones((6, 20000)))
+    assert fs.done_ids(wide) == set()  # rolled back, and the store still answers
+
+
+# --------------------------------------------------------------------------------------------- read-only (issue 10)
+@pytest.fixture()
+def shared_dir():
+    """A folder every user can reach (pytest's tmp_path is private to root), removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cbir-ro-"))
+    folder.chmod(0o755)
+    yield folder
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(folder)
+
+
+def _as_unprivileged(fn):
+    """``fn()`` in a forked child without root rights (uid/gid 65534 when run as root: root ignores file
+    modes), so read-only files and folders really are read-only; returns ``fn``'s JSON-able result or
+    ``{"error": "<type>: <message>"}``."""
+    import json
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            out = fn()
+        except BaseException as exc:  # noqa: BLE001
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(w, "w") as fh:
+            json.dump(out, fh)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+@pytest.mark.parametrize("locked", ["folder", "file", "both"])
+def test_a_store_on_read_only_storage_is_readable_in_readonly_mode(shared_dir, locked):
+    path = shared_dir / "store" / "f.sqlite"
+    fs = FeatureStore(path)
+    fs.put_catalog(_catalog())
+    run_id = fs.start_run(IDENTITY)
+    X = np.arange(24, dtype=np.float32).reshape(6, 4)
+    fs.put_features(run_id, [f"img{i}" for i in range(6)], X)
+    fs.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.sqlite"]  # WAL checkpointed on close
+    if locked in ("file", "both"):
+        path.chmod(0o444)
+    if locked in ("folder", "both"):
+        path.parent.chmod(0o555)
+    assert os.access(path.parent, os.W_OK) or os.geteuid() == 0  # root: the child drops its rights
+
+    def read() -> dict:
+        ro = FeatureStore(path, readonly=True)
+        ids, got = ro.features(run_id)
+        out = {"ids": ids.tolist(), "X": got.tolist(), "n": len(ro.catalog()), "runs": ro.runs()["run_id"].tolist()}
+        try:
+            ro.put_catalog(_catalog())
+        except StoreError as exc:
+            out["write"] = str(exc)
+        try:
+            FeatureStore(path)
+        except StoreError as exc:
+            out["writable_open"] = str(exc)
+        return out
+
+    got = _as_unprivileged(read)
+    assert "error" not in got, got["error"] if "error" in got else ""
+    assert got["ids"] == [f"img{i}" for i in range(6)] and got["X"] == X.tolist()
+    assert got["n"] == 6 and got["runs"] == [run_id]
+    assert "f.sqlite: opened read-only" in got["write"]
+    assert "f.sqlite" in got["writable_open"] and "read-only" in got["writable_open"]
+    assert "readonly=True" in got["writable_open"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.sqlite"] or locked == "file"
+
+
+def test_unsaved_wal_changes_on_read_only_storage_are_read_or_refused_never_skipped(shared_dir):
+    path = shared_dir / "f.sqlite"
+    with FeatureStore(path) as fs:
+        fs.put_catalog(_catalog())
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - a writer that dies before checkpointing: its run is only in the -wal file
+        fs = FeatureStore(path)
+        fs.put_features(fs.start_run(IDENTITY), ["img0"], np.ones((1, 4)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert (shared_dir / "f.sqlite-wal").stat().st_size > 0
+    shared_dir.chmod(0o555)
+
+    def runs() -> dict:
+        return {"runs": FeatureStore(path, readonly=True).runs()["run_id"].tolist()}
+
+    assert _as_unprivileged(runs) == {"runs": [1]}  # the -shm file is there: SQLite reads the WAL
+    shared_dir.chmod(0o755)
+    (shared_dir / "f.sqlite-shm").unlink()
+    shared_dir.chmod(0o555)
+    got = _as_unprivileged(runs)  # reading the file alone (immutable) would silently miss run 1
+    assert "f.sqlite-wal holds changes not yet written into the store" in got["error"]
+    assert got["error"].startswith("StoreError: ")
