@@ -28,7 +28,7 @@ import pandas as pd
 
 from cbir.images import IMAGE_SUFFIXES, ImageError, decode_bytes, read_image
 from cbir.search import METRICS, ExactIndex, similarity
-from cbir.store import FeatureStore
+from cbir.store import FeatureStore, StoreError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """Uploads larger than this (10 MiB) are refused before decoding."""
@@ -301,7 +301,11 @@ class VisualSearchApp:
                             f"first, or set CBIR_STORE to a store with features")
             return
         else:
-            self.store = FeatureStore(store)
+            try:  # the app only reads: a store on read-only storage works too
+                self.store = FeatureStore(store, readonly=True)
+            except StoreError as exc:
+                self.problem = str(exc)
+                return
         self._labels = self._load_labels()
         runs = self.runs()
         if runs.empty:

@@ -49,3 +49,52 @@ def imagenet_labels() -> list[str]:
     if not path.is_file():
         pytest.skip(f"ImageNet labels not found at {path}")
     return path.read_text().splitlines()
+
+
+def _run_unprivileged(fn):
+    """``fn()`` in a forked child without root rights (uid/gid 65534 when run as root: root ignores file
+    modes), so read-only files and folders really are read-only; returns ``fn``'s JSON-able result or
+    ``{"error": "<type>: <message>"}``."""
+    import json
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            out = fn()
+        except BaseException as exc:  # noqa: BLE001
+            out = {"error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(w, "w") as fh:
+            json.dump(out, fh)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+@pytest.fixture
+def as_unprivileged():
+    """Run a function in a forked child without root rights: see :func:`_run_unprivileged`."""
+    return _run_unprivileged
+
+
+@pytest.fixture()
+def shared_dir():
+    """A folder every user can reach (pytest's tmp_path is private to root), removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cbir-ro-"))
+    folder.chmod(0o755)
+    yield folder
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(folder)

@@ -521,51 +521,8 @@ def test_missing_store_unknown_run_and_sqlite_errors_are_store_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- read-only (issue 10)
-@pytest.fixture()
-def shared_dir():
-    """A folder every user can reach (pytest's tmp_path is private to root), removed afterwards."""
-    import shutil
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="cbir-ro-"))
-    folder.chmod(0o755)
-    yield folder
-    for p in [folder, *folder.rglob("*")]:
-        p.chmod(0o755 if p.is_dir() else 0o644)
-    shutil.rmtree(folder)
-
-
-def _as_unprivileged(fn):
-    """``fn()`` in a forked child without root rights (uid/gid 65534 when run as root: root ignores file
-    modes), so read-only files and folders really are read-only; returns ``fn``'s JSON-able result or
-    ``{"error": "<type>: <message>"}``."""
-    import json
-    import os
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(r)
-        try:
-            if os.geteuid() == 0:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-            out = fn()
-        except BaseException as exc:  # noqa: BLE001
-            out = {"error": f"{type(exc).__name__}: {exc}"}
-        with os.fdopen(w, "w") as fh:
-            json.dump(out, fh)
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as fh:
-        text = fh.read()
-    os.waitpid(pid, 0)
-    return json.loads(text)
-
-
 @pytest.mark.parametrize("locked", ["folder", "file", "both"])
-def test_a_store_on_read_only_storage_is_readable_in_readonly_mode(shared_dir, locked):
+def test_a_store_on_read_only_storage_is_readable_in_readonly_mode(shared_dir, locked, as_unprivileged):
     path = shared_dir / "store" / "f.sqlite"
     fs = FeatureStore(path)
     fs.put_catalog(_catalog())
@@ -594,7 +551,7 @@ def test_a_store_on_read_only_storage_is_readable_in_readonly_mode(shared_dir, l
             out["writable_open"] = str(exc)
         return out
 
-    got = _as_unprivileged(read)
+    got = as_unprivileged(read)
     assert "error" not in got, got["error"] if "error" in got else ""
     assert got["ids"] == [f"img{i}" for i in range(6)] and got["X"] == X.tolist()
     assert got["n"] == 6 and got["runs"] == [run_id]
@@ -604,7 +561,7 @@ def test_a_store_on_read_only_storage_is_readable_in_readonly_mode(shared_dir, l
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.sqlite"] or locked == "file"
 
 
-def test_unsaved_wal_changes_on_read_only_storage_are_read_or_refused_never_skipped(shared_dir):
+def test_unsaved_wal_changes_on_read_only_storage_are_read_or_refused_never_skipped(shared_dir, as_unprivileged):
     path = shared_dir / "f.sqlite"
     with FeatureStore(path) as fs:
         fs.put_catalog(_catalog())
@@ -620,10 +577,10 @@ def test_unsaved_wal_changes_on_read_only_storage_are_read_or_refused_never_skip
     def runs() -> dict:
         return {"runs": FeatureStore(path, readonly=True).runs()["run_id"].tolist()}
 
-    assert _as_unprivileged(runs) == {"runs": [1]}  # the -shm file is there: SQLite reads the WAL
+    assert as_unprivileged(runs) == {"runs": [1]}  # the -shm file is there: SQLite reads the WAL
     shared_dir.chmod(0o755)
     (shared_dir / "f.sqlite-shm").unlink()
     shared_dir.chmod(0o555)
-    got = _as_unprivileged(runs)  # reading the file alone (immutable) would silently miss run 1
+    got = as_unprivileged(runs)  # reading the file alone (immutable) would silently miss run 1
     assert "f.sqlite-wal holds changes not yet written into the store" in got["error"]
     assert got["error"].startswith("StoreError: ")

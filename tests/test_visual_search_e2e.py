@@ -276,6 +276,36 @@ def test_missing_store_is_shown_not_raised(tmp_path):
         app.search_bytes(_png(), "x.png")
 
 
+def test_damaged_or_read_only_store_is_shown_not_raised(tmp_path, hist_store, shared_dir, as_unprivileged):
+    bad = tmp_path / "not_a_store.sqlite"
+    bad.write_bytes(b"this is no SQLite database at all" * 100)
+    app = VisualSearchApp(bad)
+    assert str(bad) in app.problem and "database" in app.problem
+    app.widget()
+    assert 'class="cbir-error"' in app.controls["message"].value
+    # a good store in a read-only folder, read by a user without root rights (root ignores file modes)
+    import sqlite3
+
+    store, run_id, *_ = hist_store
+    folder = shared_dir / "ro"
+    folder.mkdir()
+    dst = sqlite3.connect(folder / "features.sqlite")
+    sqlite3.connect(store.path).backup(dst)  # a consistent copy, WAL contents included
+    dst.close()
+    (folder / "features.sqlite").chmod(0o444)
+    folder.chmod(0o555)
+
+    def open_app() -> dict:
+        app = VisualSearchApp(folder / "features.sqlite")
+        return {"problem": app.problem, "run_id": app.run_id,
+                "found": len(app.search_catalog_image(app.features()[0][0]))}
+
+    try:
+        assert as_unprivileged(open_app) == {"problem": None, "run_id": run_id, "found": 5}
+    finally:
+        folder.chmod(0o755)
+
+
 def test_unknown_run_is_shown_not_raised(hist_store):
     store, run_id, *_ = hist_store
     app = VisualSearchApp(store, run=99)
