@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import csv
 import dataclasses
+import hashlib
 import io
 import os
 import sys
@@ -745,3 +746,21 @@ def catalog_frame(catalog: Any) -> pd.DataFrame:
     if ids.duplicated().any():
         raise ValueError(f"the catalogue has duplicate image_id values, e.g. {ids[ids.duplicated()].iloc[:5].tolist()}")
     return df
+
+
+LABEL_KEY_COLUMNS = ("image_id", "category", "subcategory", "split", "is_fashion")
+"""The columns whose values make a run's labelling: two catalogues that agree on them label (and split) every
+image alike, whatever their paths."""
+
+
+def labels_sha1(catalog: Any) -> str:
+    """SHA-1 of a catalogue's labelling (:data:`LABEL_KEY_COLUMNS` present, rows sorted by ``image_id``).
+
+    It is part of a feature run's identity, so a second run with another ``subcategory_from`` or another query
+    split gets a run (and labels) of its own instead of relabelling the first one's images.
+    """
+    df = catalog_frame(catalog)
+    cols = [c for c in LABEL_KEY_COLUMNS if c in df.columns]
+    table = df[cols].astype(object).where(df[cols].notna(), None).astype(str)
+    table = table.sort_values("image_id", kind="stable")
+    return hashlib.sha1(table.to_csv(index=False, lineterminator="\n").encode("utf-8")).hexdigest()

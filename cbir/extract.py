@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cbir.catalog import CatalogError, catalog_frame
+from cbir.catalog import CatalogError, catalog_frame, labels_sha1
 from cbir.images import ImageError, decode_bytes, read_file_bytes
-from cbir.store import FeatureStore, StoreError, open_store
+from cbir.store import FeatureStore, StoreError, canonical_json, open_store
 
 __all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
            "whiten_run", "whiten_for_catalog", "loaded_library_versions", "ExtractionError"]
@@ -157,6 +157,16 @@ def _file_sha1(path: Any) -> str | None:
         return None
 
 
+def _with_file_sha1(paths: np.ndarray, expected: np.ndarray, where: np.ndarray, workers: int) -> np.ndarray:
+    """``expected`` with the rows of ``where`` that have no sha1 filled by hashing their files now."""
+    current = expected.copy()
+    hash_now = np.flatnonzero(where & (current == None))  # noqa: E711 - elementwise on an object array
+    if len(hash_now):
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cbir-hash") as pool:
+            current[hash_now] = list(pool.map(_file_sha1, paths[hash_now]))
+    return current
+
+
 def _plan(store: FeatureStore, run_id: int, ids: np.ndarray, paths: np.ndarray, expected: np.ndarray,
           workers: int) -> tuple[np.ndarray, int]:
     """``(todo[N] bool, n_replaced)``: ids to (re-)extract. A stored vector is done when its sha1 equals the
@@ -165,11 +175,7 @@ def _plan(store: FeatureStore, run_id: int, ids: np.ndarray, paths: np.ndarray, 
     vectors = store.content_sha1(run_id)
     failed = store.content_sha1(run_id, failures=True)
     stored = np.array([i in vectors or i in failed for i in ids], dtype=bool)
-    current = expected.copy()
-    hash_now = np.flatnonzero(stored & (current == None))  # noqa: E711 - elementwise on an object array
-    if len(hash_now):
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cbir-hash") as pool:
-            current[hash_now] = list(pool.map(_file_sha1, paths[hash_now]))
+    current = _with_file_sha1(paths, expected, stored, workers)
     todo = np.ones(len(ids), dtype=bool)
     for k in np.flatnonzero(stored):
         image_id = ids[k]
@@ -226,16 +232,13 @@ def extract_features(
     store = open_store(store)
     extractor, l2_here = _resolve_extractor(model, layer=layer, pooling=pooling, weights=weights,
                                             l2_normalize=l2_normalize)
-    size = int(extractor.input_size)
-    run_id = store.start_run(_identity(extractor, variant=variant, l2_here=l2_here), name=name,
-                             versions=loaded_library_versions())
-    store.put_catalog(df)
-
     ids = df["image_id"].astype(str).to_numpy()
     paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
+    run_id = _start_run(store, df, extractor, variant=variant, l2_here=l2_here, name=name,
+                        sha1=lambda: dict(zip(ids, _with_file_sha1(paths, expected, np.ones(len(ids), bool),
+                                                                   workers))))
     todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
-    todo_ids, todo_paths, todo_sha1 = ids[todo], paths[todo], expected[todo]
-    if len(todo_ids) == 0:
+    if not todo.any():
         if store.run(run_id)["status"] != "complete":
             _finish(store, run_id, ids, n_images=len(ids))
         return run_id
@@ -244,91 +247,148 @@ def extract_features(
         log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
                     "dropped what was computed from them: %s", store.path, run_id, n_replaced, dropped)
     store.set_status(run_id, "running")
-
-    from tqdm import tqdm
-
-    timings = {"decode_wait": 0.0, "model": 0.0, "write": 0.0}
-    n_vectors = n_failed = 0
-    start = time.perf_counter()
-    starts = range(0, len(todo_ids), batch_size)
-    model_rows = min(batch_size, len(todo_ids))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cbir-decode") if workers > 0 else None
-    pending: deque[tuple[int, list[Any]]] = deque()
-
-    def submit(i: int) -> None:
-        batch = list(zip(todo_paths[i:i + batch_size], todo_sha1[i:i + batch_size]))
-        if pool is None:
-            pending.append((i, batch))  # decoded when its turn comes
-        else:
-            pending.append((i, [pool.submit(_load_one, loader, p, size, e) for p, e in batch]))
-
-    bar = tqdm(total=len(ids), initial=len(ids) - len(todo_ids), disable=not progress, unit="img",
-               desc=f"{getattr(extractor, 'name', 'features')} run {run_id}", dynamic_ncols=True)
-    try:
-        next_start = iter(starts)
-        for _ in range(1 + (max(0, prefetch) if pool is not None else 0)):
-            i = next(next_start, None)
-            if i is None:
-                break
-            submit(i)
-        while pending:
-            i, slots = pending.popleft()
-            t0 = time.perf_counter()
-            if pool is not None:
-                results = [s.result() for s in slots]
-            else:
-                results = [_load_one(loader, p, size, e) for p, e in slots]
-            t1 = time.perf_counter()
-            following = next(next_start, None)
-            if following is not None:
-                submit(following)  # keep the decoders `prefetch` batches ahead
-            batch_ids = todo_ids[i:i + batch_size]
-            ok = [k for k, r in enumerate(results) if r[0] is not None]
-            fails = [(batch_ids[k], r[2], r[3], r[1]) for k, r in enumerate(results) if r[0] is None]
-            X = np.empty((0, int(extractor.dim)), dtype=np.float32)
-            if ok:
-                batch = np.stack([results[k][0] for k in ok])
-                if pad_batches and len(ok) < model_rows:  # one input shape: compiled models never retrace
-                    batch = np.concatenate([batch, np.zeros((model_rows - len(ok), *batch.shape[1:]), np.uint8)])
-                X = np.asarray(extractor(batch), dtype=np.float32)[:len(ok)]
-                if l2_here:
-                    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
-                finite = np.isfinite(X).all(axis=1)
-                fails += [(batch_ids[k], "non_finite", "the model returned NaN or infinite values", results[k][1])
-                          for k, f in zip(ok, finite) if not f]
-                ok, X = [k for k, f in zip(ok, finite) if f], X[finite]
-            t2 = time.perf_counter()
-            store.put_features(run_id, batch_ids[ok], X, sha1=[results[k][1] for k in ok], failures=fails)
-            t3 = time.perf_counter()
-            timings["decode_wait"] += t1 - t0
-            timings["model"] += t2 - t1
-            timings["write"] += t3 - t2
-            n_vectors += len(ok)
-            n_failed += len(fails)
-            bar.update(len(batch_ids))
-    except BaseException:
-        try:
-            store.set_status(run_id, "interrupted")
-        except Exception:  # noqa: BLE001 - never hide the original error
-            pass
-        raise
-    finally:
-        bar.close()
-        if pool is not None:
-            for _, slots in pending:
-                for future in slots:
-                    future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-    seconds = time.perf_counter() - start
-    _finish(
-        store, run_id, ids, n_images=len(ids), seconds=round(seconds, 4), n_processed=int(len(todo_ids)),
-        n_vectors_written=n_vectors, n_failures_written=n_failed, n_vectors_replaced=n_replaced,
-        images_per_second=round(len(todo_ids) / seconds, 3) if seconds > 0 else None,
-        batch_size=int(batch_size), workers=int(workers), prefetch=int(prefetch),
-        seconds_decode_wait=round(timings["decode_wait"], 4), seconds_model=round(timings["model"], 4),
-        seconds_write=round(timings["write"], 4),
-    )
+    stream = _Stream(store=store, run_id=run_id, extractor=extractor, l2_here=l2_here, loader=loader,
+                     batch_size=batch_size, workers=workers, prefetch=prefetch, pad_batches=pad_batches)
+    stats = stream.run(ids[todo], paths[todo], expected[todo], total=len(ids), progress=progress)
+    _finish(store, run_id, ids, n_images=len(ids), n_processed=int(todo.sum()), n_vectors_replaced=n_replaced,
+            batch_size=int(batch_size), workers=int(workers), prefetch=int(prefetch), **stats)
     return run_id
+
+
+def _sibling_runs(store: FeatureStore, identity: Mapping[str, Any]) -> list[int]:
+    """Complete runs of the same model, layer, pooling, weights and variant on another labelling (or on
+    none, from before labels were part of a run's identity), newest first."""
+    same = {k: v for k, v in json.loads(canonical_json(identity)).items() if k != "labels_sha1"}
+    runs = store.runs()
+    return [int(r.run_id) for r in runs.iloc[::-1].itertuples()
+            if r.status == "complete" and {k: v for k, v in r.params.items() if k != "labels_sha1"} == same
+            and r.params.get("labels_sha1") != identity["labels_sha1"]]
+
+
+def _start_run(store: FeatureStore, df: pd.DataFrame, extractor: Any, *, variant: str, l2_here: bool,
+               name: str | None, sha1: Callable[[], Mapping[str, str | None]]) -> int:
+    """Start (or resume) the run of ``extractor`` on this catalogue's labelling and record its labels.
+
+    The labelling (:func:`cbir.catalog.labels_sha1`) is part of the run's identity: a catalogue labelled or
+    split otherwise gets a run of its own, whose vectors are copied from the same model's run on the same
+    file content (no re-extraction) rather than computed again. ``sha1()`` gives each id's file content sha1
+    (called only for such a copy).
+    """
+    identity = _identity(extractor, variant=variant, l2_here=l2_here)
+    identity["labels_sha1"] = labels_sha1(df)
+    is_new = store.find_run(**identity) is None
+    run_id = store.start_run(identity, name=name, versions=loaded_library_versions())
+    store.put_catalog(df)
+    store.put_run_labels(run_id, df)
+    siblings = _sibling_runs(store, identity) if is_new else []
+    content = sha1() if siblings else {}
+    for sibling in siblings:
+        copied = store.copy_outcomes(sibling, run_id, content)
+        if copied:
+            log.info("%s: run %s: %d vector(s) copied from run %s (same model and file content)",
+                     store.path, run_id, copied, sibling)
+    return run_id
+
+
+class _Stream:
+    """The streaming extraction of one run: a thread pool decodes the next batches while the model embeds
+    the current one; each batch's vectors and failures are written in one transaction."""
+
+    def __init__(self, *, store: FeatureStore, run_id: int, extractor: Any, l2_here: bool,
+                 loader: Loader | None, batch_size: int, workers: int, prefetch: int, pad_batches: bool) -> None:
+        self.store, self.run_id, self.extractor, self.l2_here = store, run_id, extractor, l2_here
+        self.loader, self.batch_size, self.workers = loader, batch_size, workers
+        self.prefetch, self.pad_batches = prefetch, pad_batches
+        self.size = int(extractor.input_size)
+
+    def embed(self, results: list[Loaded], batch_ids: np.ndarray, model_rows: int
+              ) -> tuple[list[int], np.ndarray, list[tuple]]:
+        """``(ok, X, failures)`` of one decoded batch: rows with a finite vector, their vectors, the rest."""
+        ok = [k for k, r in enumerate(results) if r[0] is not None]
+        fails = [(batch_ids[k], r[2], r[3], r[1]) for k, r in enumerate(results) if r[0] is None]
+        X = np.empty((0, int(self.extractor.dim)), dtype=np.float32)
+        if not ok:
+            return ok, X, fails
+        batch = np.stack([results[k][0] for k in ok])
+        if self.pad_batches and len(ok) < model_rows:  # one input shape: compiled models never retrace
+            batch = np.concatenate([batch, np.zeros((model_rows - len(ok), *batch.shape[1:]), np.uint8)])
+        X = np.asarray(self.extractor(batch), dtype=np.float32)[:len(ok)]
+        if self.l2_here:
+            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        finite = np.isfinite(X).all(axis=1)
+        fails += [(batch_ids[k], "non_finite", "the model returned NaN or infinite values", results[k][1])
+                  for k, f in zip(ok, finite) if not f]
+        return [k for k, f in zip(ok, finite) if f], X[finite], fails
+
+    def run(self, ids: np.ndarray, paths: np.ndarray, sha1: np.ndarray, *, total: int,
+            progress: bool) -> dict[str, Any]:
+        """Extract ``ids`` (files ``paths``, expected content ``sha1``); returns the run's timing stats."""
+        from tqdm import tqdm
+
+        bs, timings = self.batch_size, {"decode_wait": 0.0, "model": 0.0, "write": 0.0}
+        n_vectors = n_failed = 0
+        start = time.perf_counter()
+        model_rows = min(bs, len(ids))
+        pool = (ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="cbir-decode")
+                if self.workers > 0 else None)
+        pending: deque[tuple[int, list[Any]]] = deque()
+
+        def submit(i: int) -> None:
+            batch = list(zip(paths[i:i + bs], sha1[i:i + bs]))
+            if pool is None:
+                pending.append((i, batch))  # decoded when its turn comes
+            else:
+                pending.append((i, [pool.submit(_load_one, self.loader, p, self.size, e) for p, e in batch]))
+
+        bar = tqdm(total=total, initial=total - len(ids), disable=not progress, unit="img",
+                   desc=f"{getattr(self.extractor, 'name', 'features')} run {self.run_id}", dynamic_ncols=True)
+        try:
+            next_start = iter(range(0, len(ids), bs))
+            for _ in range(1 + (max(0, self.prefetch) if pool is not None else 0)):
+                i = next(next_start, None)
+                if i is None:
+                    break
+                submit(i)
+            while pending:
+                i, slots = pending.popleft()
+                t0 = time.perf_counter()
+                if pool is not None:
+                    results = [s.result() for s in slots]
+                else:
+                    results = [_load_one(self.loader, p, self.size, e) for p, e in slots]
+                t1 = time.perf_counter()
+                following = next(next_start, None)
+                if following is not None:
+                    submit(following)  # keep the decoders `prefetch` batches ahead
+                batch_ids = ids[i:i + bs]
+                ok, X, fails = self.embed(results, batch_ids, model_rows)
+                t2 = time.perf_counter()
+                self.store.put_features(self.run_id, batch_ids[ok], X, sha1=[results[k][1] for k in ok],
+                                        failures=fails)
+                t3 = time.perf_counter()
+                timings["decode_wait"] += t1 - t0
+                timings["model"] += t2 - t1
+                timings["write"] += t3 - t2
+                n_vectors += len(ok)
+                n_failed += len(fails)
+                bar.update(len(batch_ids))
+        except BaseException:
+            try:
+                self.store.set_status(self.run_id, "interrupted")
+            except Exception:  # noqa: BLE001 - never hide the original error
+                pass
+            raise
+        finally:
+            bar.close()
+            if pool is not None:
+                for _, slots in pending:
+                    for future in slots:
+                        future.cancel()
+                pool.shutdown(wait=True, cancel_futures=True)
+        seconds = time.perf_counter() - start
+        return {"seconds": round(seconds, 4), "n_vectors_written": n_vectors, "n_failures_written": n_failed,
+                "images_per_second": round(len(ids) / seconds, 3) if seconds > 0 else None,
+                **{f"seconds_{k}": round(v, 4) for k, v in timings.items()}}
 
 
 def _finish(store: FeatureStore, run_id: int, ids: np.ndarray, **stats: Any) -> None:

@@ -9,10 +9,13 @@ Layout (schema version in ``PRAGMA user_version``, upgraded by :func:`migrate`):
 
 - ``images``: one row per catalogue image (``image_id`` primary key, ``path``, ``category``,
   ``subcategory``, ``split``, ``is_fashion``, ``product_id``, ``dup_group`` and ``extra``, a JSON object
-  holding every other catalogue column). Row order = catalogue order.
-- ``runs``: one row per extraction identity (model, layer, pooling, weights, variant, ...). The identity is
-  stored as canonical JSON (sorted keys), so the same identity always maps to the same run and an
-  interrupted extraction resumes.
+  holding every other catalogue column). Row order = catalogue order. It says where files are (the latest
+  catalogue put); labels are read per run from ``run_labels``.
+- ``runs``: one row per extraction identity (model, layer, pooling, weights, variant, the sha1 of the labels
+  and split, ...). The identity is stored as canonical JSON (sorted keys), so the same identity always maps
+  to the same run and an interrupted extraction resumes.
+- ``run_labels``: ``(run_id, image_id) -> path, category, subcategory, split, is_fashion, product_id,
+  dup_group``: the labels and query split each run was extracted and is evaluated with (schema 3).
 - ``features``: ``(run_id, image_id) -> vector, sha1, crc32``: a float32 little-endian BLOB, the SHA-1 of the
   image file bytes it was computed from (NULL for vectors written before schema 2: unknown content) and a
   CRC-32 of the image id and the blob, checked on every read (NULL before schema 2: only finiteness checked).
@@ -47,7 +50,7 @@ import pandas as pd
 
 __all__ = ["FeatureStore", "StoreError", "RunNotFoundError", "SCHEMA_VERSION", "migrate", "canonical_json"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 60_000
 _WRITE_RETRIES = 20
 _VECTOR_DTYPE = np.dtype("<f4")
@@ -288,8 +291,24 @@ def _schema_v2(con: sqlite3.Connection) -> None:
         """)
 
 
+def _schema_v3(con: sqlite3.Connection) -> None:
+    """Labels per run: the labels and query split each run was extracted and evaluated with. A store from
+    before keeps, for each run, the labels its shared ``images`` table holds now (the only ones it knew)."""
+    _execute_script(con, f"""
+        CREATE TABLE run_labels (
+            run_id      INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+            image_id    TEXT NOT NULL,
+            {', '.join(f'{c} {"INTEGER" if c == "is_fashion" else "TEXT"}' for c in IMAGE_COLUMNS)},
+            PRIMARY KEY (run_id, image_id)
+        );
+        INSERT INTO run_labels (run_id, image_id, {', '.join(IMAGE_COLUMNS)})
+            SELECT r.run_id, i.image_id, {', '.join(f'i.{c}' for c in IMAGE_COLUMNS)}
+            FROM runs r JOIN images i ORDER BY r.run_id, i.rowid
+        """)
+
+
 #: ``version -> function`` bringing a store from ``version - 1`` to ``version`` (run inside one transaction).
-MIGRATIONS = {1: _schema_v1, 2: _schema_v2}
+MIGRATIONS = {1: _schema_v1, 2: _schema_v2, 3: _schema_v3}
 
 
 def migrate(con: sqlite3.Connection, *, path: str = "<store>") -> int:
@@ -552,6 +571,66 @@ class FeatureStore:
         if frame["is_fashion"].notna().all():
             frame["is_fashion"] = frame["is_fashion"].astype(bool)
         return pd.concat([frame, extra], axis=1) if len(extra.columns) else frame
+
+    def put_run_labels(self, run_id: int, df: pd.DataFrame) -> int:
+        """Record the labels (and query split) run ``run_id`` is extracted and evaluated with, replacing any
+        earlier ones: ``image_id`` plus the :data:`IMAGE_COLUMNS` present in ``df`` (absent ones stay NULL).
+        Returns the number of rows. Each run keeps its own labels, so runs that share a store never relabel
+        each other's images."""
+        if "image_id" not in df.columns:
+            raise ValueError(f"{self.path}: put_run_labels needs an 'image_id' column, got {list(df.columns)}")
+        ids = df["image_id"].astype(str)
+        if ids.duplicated().any():
+            raise ValueError(f"{self.path}: put_run_labels got duplicate image_id values, "
+                             f"e.g. {ids[ids.duplicated()].iloc[:5].tolist()}")
+        std = [c for c in IMAGE_COLUMNS if c in df.columns]
+        columns = [[int(run_id)] * len(ids), ids.tolist(),
+                   *(_bool_column(df[c]) if c == "is_fashion" else _text_column(df[c]) for c in std)]
+        names = ["run_id", "image_id", *std]
+        with self._write() as con:
+            self._require_run(con, run_id)
+            con.execute("DELETE FROM run_labels WHERE run_id = ?", (int(run_id),))
+            con.executemany(f"INSERT INTO run_labels ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                            zip(*columns))
+        return len(ids)
+
+    def run_labels(self, run_id: int) -> pd.DataFrame:
+        """The labels run ``run_id`` was extracted with, in catalogue order: ``image_id`` + :data:`IMAGE_COLUMNS`
+        (``is_fashion`` as bool). Raises :class:`RunNotFoundError` for an unknown run."""
+        self.run(run_id)
+        frame = self._frame(f"SELECT image_id, {', '.join(IMAGE_COLUMNS)} FROM run_labels WHERE run_id = ? "
+                            "ORDER BY rowid", (int(run_id),))
+        frame["is_fashion"] = frame["is_fashion"].map({1: True, 0: False, None: pd.NA}).astype("boolean")
+        if frame["is_fashion"].notna().all():
+            frame["is_fashion"] = frame["is_fashion"].astype(bool)
+        return frame
+
+    def copy_outcomes(self, from_run: int, to_run: int, sha1: Mapping[str, str | None]) -> int:
+        """Copy run ``from_run``'s vectors and failures into ``to_run`` for the ids of ``sha1`` whose stored
+        content sha1 equals the given one (the same model on the same file content gives the same outcome; a
+        failure with no sha1 matches a file that is still unreadable); ids ``to_run`` already has are left
+        alone. Returns the number of vectors copied. Both runs must have the same dimension."""
+        dims = {int(r): self.run(r)["dim"] for r in (from_run, to_run)}
+        if dims[int(from_run)] != dims[int(to_run)]:
+            raise ValueError(f"{self.path}: runs {from_run} and {to_run} have different dimensions {dims}")
+        pairs = [(str(i), None if _is_missing(h) else str(h)) for i, h in sha1.items()]
+        with self._write() as con:
+            con.execute("CREATE TEMP TABLE IF NOT EXISTS _want (image_id TEXT PRIMARY KEY, sha1 TEXT)")
+            con.execute("DELETE FROM _want")
+            con.executemany("INSERT OR REPLACE INTO _want VALUES (?, ?)", pairs)
+            have = "SELECT image_id FROM features WHERE run_id = :to UNION SELECT image_id FROM failures WHERE run_id = :to"
+            n = con.execute(
+                "INSERT INTO features (run_id, image_id, vector, sha1, crc32)"
+                " SELECT :to, f.image_id, f.vector, f.sha1, f.crc32 FROM features f JOIN _want w"
+                f" ON w.image_id = f.image_id AND w.sha1 = f.sha1 WHERE f.run_id = :src AND f.image_id NOT IN ({have})",
+                {"to": int(to_run), "src": int(from_run)}).rowcount
+            con.execute(
+                "INSERT INTO failures (run_id, image_id, reason, detail, sha1)"
+                " SELECT :to, x.image_id, x.reason, x.detail, x.sha1 FROM failures x JOIN _want w"
+                f" ON w.image_id = x.image_id AND w.sha1 IS x.sha1 WHERE x.run_id = :src AND x.image_id NOT IN ({have})",
+                {"to": int(to_run), "src": int(from_run)})
+            con.execute("DELETE FROM _want")
+        return int(n)
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, identity: Mapping[str, Any], *, name: str | None = None,

@@ -195,11 +195,16 @@ def test_rerun_is_a_noop_and_new_images_are_added(tmp_path, catalog_df):
     ext = TinyExtractor()
     assert ensure_features(first, store=store, model=ext, progress=False) == run_id
     assert ext.batch_sizes == [] and store.run(run_id)["finished"] == finished  # nothing recomputed
-    assert extract_features(catalog_df.iloc[:40], model=ext, store=store, progress=False) == run_id
+    # a grown catalogue is another labelling: a run of its own, seeded with the first run's outcomes
+    grown = extract_features(catalog_df.iloc[:40], model=ext, store=store, progress=False)
+    assert grown != run_id and store.run(grown)["params"]["labels_sha1"] != store.run(run_id)["params"]["labels_sha1"]
     assert ext.batch_sizes == [10]  # only the 10 new images (no padding beyond what is to do)
-    ids, X = load_run_features(store, run_id, catalog_df.iloc[:40].iloc[::-1])
+    ids, X = load_run_features(store, grown, catalog_df.iloc[:40].iloc[::-1])
     expected = [i for i in catalog_df["image_id"].iloc[:40][::-1] if i not in BAD]
     assert ids.tolist() == expected and X.shape == (len(expected), 8)
+    np.testing.assert_array_equal(store.features(grown, ids[-25:])[1], store.features(run_id, ids[-25:])[1])
+    assert store.run_labels(run_id)["image_id"].tolist() == first["image_id"].tolist()
+    assert len(store.run_labels(grown)) == 40
 
 
 def test_decoding_runs_ahead_of_the_model_but_only_prefetch_batches(tmp_path, catalog_df):
@@ -548,3 +553,30 @@ def test_an_unusable_catalogue_makes_no_run_and_an_all_failed_run_is_failed(tmp_
         with pytest.raises(ExtractionError, match=r"s.sqlite: run 1: all 2 images failed.*missing: 1.*not_an_image: 1"):
             extract_features(bad, model=TinyExtractor(), store=store, progress=False)
         assert store.run(1)["status"] == "failed"
+
+
+def test_runs_with_other_labels_or_splits_in_one_store_keep_their_own_labels(tmp_path, catalog_df):
+    """Issue 9's labels bug: a second run with another label source or query split used to relabel the
+    images of every run in the shared store (one ``images`` table). Each run now keeps its own."""
+    store = FeatureStore(tmp_path / "s.sqlite")
+    good = catalog_df[~catalog_df["image_id"].isin(BAD)].reset_index(drop=True)
+    a = good.assign(subcategory=good["category"] + "/a", split=np.where(np.arange(len(good)) < 5, "query", "catalog"))
+    b = good.assign(subcategory=good["category"] + "/b", split=np.where(np.arange(len(good)) >= len(good) - 5,
+                                                                         "query", "catalog"))
+    ext = TinyExtractor()
+    run_a = ensure_features(a, store=store, model=ext, progress=False)
+    calls = len(ext.batch_sizes)
+    assert calls == -(-len(good) // 32)
+    run_b = ensure_features(b, store=store, model=ext, progress=False)
+    assert run_a != run_b
+    for run_id, frame in ((run_a, a), (run_b, b)):
+        labels = store.run_labels(run_id)
+        assert labels["image_id"].tolist() == frame["image_id"].tolist()
+        assert labels["subcategory"].tolist() == frame["subcategory"].tolist()
+        assert labels["split"].tolist() == frame["split"].tolist()
+    # b's vectors were copied from a's (same model, same files), not computed again
+    assert len(ext.batch_sizes) == calls
+    np.testing.assert_array_equal(store.features(run_b)[1], store.features(run_a)[1])
+    # running a again finds its own run, labels unchanged by b
+    assert ensure_features(a, store=store, model=ext, progress=False) == run_a
+    assert store.run_labels(run_a)["subcategory"].str.endswith("/a").all()

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from cbir import store as store_module
-from cbir.store import SCHEMA_VERSION, FeatureStore, StoreError, canonical_json
+from cbir.store import SCHEMA_VERSION, FeatureStore, RunNotFoundError, StoreError, canonical_json
 
 
 @pytest.fixture()
@@ -584,3 +584,28 @@ def test_unsaved_wal_changes_on_read_only_storage_are_read_or_refused_never_skip
     got = as_unprivileged(runs)  # reading the file alone (immutable) would silently miss run 1
     assert "f.sqlite-wal holds changes not yet written into the store" in got["error"]
     assert got["error"].startswith("StoreError: ")
+
+
+def test_run_labels_are_per_run_and_a_schema_2_store_gets_the_labels_it_knew(tmp_path):
+    path = tmp_path / "f.sqlite"
+    with FeatureStore(path) as fs:
+        fs.put_catalog(_catalog())
+        one = fs.start_run(IDENTITY)
+        two = fs.start_run({**IDENTITY, "labels_sha1": "other"})
+        fs.put_run_labels(two, _catalog().assign(subcategory="relabelled", split="query"))
+        assert fs.run_labels(two)["subcategory"].eq("relabelled").all()
+        with pytest.raises(RunNotFoundError, match="run 9 not found"):
+            fs.run_labels(9)
+        with pytest.raises(ValueError, match="duplicate image_id"):
+            fs.put_run_labels(two, pd.concat([_catalog(), _catalog()]))
+    # back to schema 2 (no run_labels): the migration gives every run the labels of the images table
+    con = sqlite3.connect(path)
+    con.executescript("DROP TABLE run_labels; PRAGMA user_version = 2;")
+    con.close()
+    with FeatureStore(path) as fs:
+        assert fs.schema_version == SCHEMA_VERSION
+        for run_id in (one, two):
+            labels = fs.run_labels(run_id)
+            assert labels["image_id"].tolist() == _catalog()["image_id"].tolist()
+            assert labels["subcategory"].tolist() == _catalog()["subcategory"].tolist()
+            assert labels["is_fashion"].tolist() == _catalog()["is_fashion"].tolist()
