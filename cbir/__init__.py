@@ -28,7 +28,7 @@ _EXPORTS = {
     "export_features": "cbir.extract",
     "ensure_features": "cbir.extract",
     "knn": "cbir.search",
-    "run_search": "cbir.search",
+    "run_search": "cbir.neighbours",
     "similarity": "cbir.search",
     "ApproximateIndex": "cbir.search",
     "METRICS": "cbir.search",

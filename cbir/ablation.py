@@ -1,30 +1,18 @@
-"""Colour/texture tables of retrieved pairs (notebook 05) and the region-of-interest cropping
-ablation (notebook 06).
+"""The region-of-interest cropping ablation (notebook 06): does cropping product photos to the product
+change what is retrieved, and how much of the colour/texture agreement of retrieved pairs
+(:mod:`cbir.color_texture`) is the studio background?
 
-The reference study found the colour and texture similarity between a query and its neighbours
-inflated by the white backgrounds of product photos, and proposed cropping to the product as
-future work. This module measures both:
-
-* **colour/texture of retrieved pairs** (:func:`color_texture_table`, :func:`color_texture_by_rank`,
-  :func:`example_pairs`): per feature run and measure (:data:`TUPLE_COLUMNS`: two runs of one model
-  with other weights or image variants stay apart), the colour correlation
-  (OpenCV ``compareHist`` correlation of the RGB histograms, mean over channels; 1 = identical)
-  and the LBP chi-square distance (0 = identical texture) between each query and each of its
-  neighbours (:func:`cbir.descriptors.pair_similarities`);
-* **cropping ablation** (:func:`roi_ablation`): the catalogue and the queries are cropped to their
-  region of interest (:func:`cbir.roi.crop_catalog`), features re-extracted on the crops into the
-  same store (a run with ``variant="roi"``), the same queries searched in the same catalogue, and
-  per query the category / sub-category match of the top k and the mean colour correlation and
-  LBP chi-square of its k pairs compared: *original* = whole-image features, neighbours and
-  histograms; *cropped* = cropped features and neighbours, histograms inside the ROI mask
-  (``original_masked``: the original neighbours measured inside the ROI mask, which separates the
-  background's share of the colour similarity from the change of neighbours). Differences are
-  ``cropped - original`` with a paired bootstrap CI and a sign-flip randomisation p-value over
-  queries (:func:`cbir.evaluate.paired_test`).
-
-Neighbour sets come from the store; :func:`cbir.search.ensure_neighbours` (re-exported here) computes
-and saves only those that are missing or were searched with other settings, so both notebooks run
-standalone after notebook 01.
+The catalogue and the queries are cropped to their region of interest (:func:`crop_images`,
+:func:`cbir.roi.crop_catalog`), features re-extracted on the crops into the same store (a run with
+``variant="roi"``, :func:`ensure_roi_features`), the same queries searched in the same catalogue
+(:func:`cbir.neighbours.ensure_neighbours`: stored, searched only when missing, so the notebook runs
+standalone after notebook 01), and per query the category / sub-category match of the top k and the mean
+colour correlation and LBP chi-square of its k pairs compared: *original* = whole-image features,
+neighbours and histograms; *cropped* = cropped features and neighbours, histograms inside the ROI mask
+(``original_masked``: the original neighbours measured inside the ROI mask, which separates the
+background's share of the colour similarity from the change of neighbours). Differences are
+``cropped - original`` with a paired bootstrap CI and a sign-flip randomisation p-value over queries
+(:func:`cbir.stats.paired_test`).
 """
 from __future__ import annotations
 
@@ -38,28 +26,20 @@ import numpy as np
 import pandas as pd
 
 from cbir.descriptors import HistogramSet, compare_histograms, image_histograms, pair_similarities
-from cbir.evaluate import KEYS, paired_test, per_query
-from cbir.search import METRICS, ensure_neighbours
-from cbir.summary import COLOR_TEXTURE_COLUMNS, RUN_COLUMNS, features_label, order_by_run_and_metric, run_table
+from cbir.evaluate import KEYS, per_query
+from cbir.neighbours import ensure_neighbours
+from cbir.search import METRICS
+from cbir.stats import paired_test
 
 __all__ = [
-    "KEYS", "TUPLE_COLUMNS", "ROI_MEASURES", "COLOR_TEXTURE_COLUMNS", "ROI_ABLATION_COLUMNS", "COLOUR_COLUMNS",
-    "ensure_neighbours", "stored_neighbours", "feature_label", "color_texture_table", "color_texture_by_rank",
-    "best_tuple", "example_pairs", "roi_variant", "crop_images", "crop_loader", "ensure_roi_features",
-    "roi_grid_sample", "roi_histograms", "roi_per_query", "paired_summary", "changed_queries", "RoiAblation",
-    "roi_ablation", "pick_colour_example", "plot_color_texture_heatmaps", "plot_roi_differences",
+    "ROI_MEASURES", "ROI_ABLATION_COLUMNS", "COLOUR_COLUMNS", "DEFAULT_ROI_MARGIN", "roi_variant", "crop_images",
+    "crop_loader", "ensure_roi_features", "roi_grid_sample", "roi_histograms", "roi_per_query", "paired_summary",
+    "changed_queries", "RoiAblation", "roi_ablation", "pick_colour_example",
 ]
 
 ROI_MEASURES = ("category_match", "subcategory_match", "color_corr", "lbp_chi2")
 """Per-query measures of the ablation: match shares of the top k, mean colour correlation and mean
 LBP chi-square of the query's k pairs."""
-
-TUPLE_COLUMNS = [*RUN_COLUMNS, "metric"]
-"""Columns naming one neighbour set: its feature run (:data:`cbir.summary.RUN_COLUMNS`: ``run_id, features,
-model, layer, pooling, weights, variant``) and the measure. :func:`color_texture_table` groups by them."""
-
-# COLOR_TEXTURE_COLUMNS (from cbir.summary): TUPLE_COLUMNS + n_pairs and the colour / texture statistics,
-# the columns of color_texture_table (saved as tables/color_texture.csv, read back by cbir.summary).
 
 ROI_ABLATION_COLUMNS = [*KEYS, "measure", "original", "cropped", "difference", "diff_lo", "diff_hi", "p_value",
                         "n_queries", "original_masked"]
@@ -71,140 +51,7 @@ COLOUR_COLUMNS = ("base_colour", "baseColour", "colour", "color")
 DEFAULT_ROI_MARGIN = 4
 
 
-# ------------------------------------------------------------------------------------ neighbours
-def stored_neighbours(store: Any, *, variant: str | None = "original", k: int | None = None,
-                      tag: str = "") -> pd.DataFrame:
-    """Every stored neighbour set (``tag``) of runs of image ``variant`` (None: every variant), ranks up to
-    ``k`` (None: all), as :func:`cbir.evaluate.neighbours_from_store` rows with the run's
-    :data:`cbir.summary.RUN_COLUMNS` first (``features``: the run's unique label, e.g.
-    ``"vgg19 / block5_pool / gap (random init)"``); runs in store order, measures in
-    :data:`cbir.search.METRICS` order."""
-    from cbir.evaluate import neighbours_from_store
-
-    runs = run_table(store)
-    image_variant = runs["variant"].astype(str).str.split("+").str[0]  # "original+pcaw" shows original images
-    keep = runs if variant is None else runs.loc[image_variant == variant]
-    nb = neighbours_from_store(store, keep["run_id"].tolist(), tag=tag)
-    if k is not None:
-        nb = nb.loc[nb["rank"] <= int(k)]
-    nb = order_by_run_and_metric(nb).reset_index(drop=True)
-    info = keep.set_index("run_id")
-    extra = [c for c in RUN_COLUMNS if c not in nb.columns]
-    nb = nb.assign(**{c: nb["run_id"].map(info[c]).astype(object) for c in extra})
-    return nb[[*RUN_COLUMNS, *(c for c in nb.columns if c not in RUN_COLUMNS)]]
-
-
-def feature_label(df: pd.DataFrame) -> pd.Series:
-    """``"model / layer / pooling"`` per row (missing parts left out), e.g. ``"vgg19 / block5_pool / gap"``,
-    marked like :func:`cbir.summary.features_label` when the table has ``weights`` / ``variant`` columns
-    (``(random init)``, ``[roi]``); with a ``run_id`` column, runs that would share a label get ``#run_id``."""
-    cols = [c for c in ("model", "layer", "pooling") if c in df.columns]
-    if not cols:
-        raise ValueError("feature_label needs at least one of the columns model, layer, pooling")
-    get = {c: (df[c].astype(object).where(df[c].notna(), None) if c in df.columns
-               else pd.Series(None, index=df.index, dtype=object))
-           for c in ("model", "layer", "pooling", "weights", "variant")}
-    labels = pd.Series([features_label(m, l, p, weights=w, variant=v) for m, l, p, w, v in
-                        zip(*(get[c] for c in ("model", "layer", "pooling", "weights", "variant")))],
-                       index=df.index, dtype=str)
-    if "run_id" in df.columns and df["run_id"].notna().any():
-        per_run = pd.DataFrame({"run_id": df["run_id"], "label": labels}).dropna().drop_duplicates("run_id")
-        clash = per_run.loc[per_run["label"].duplicated(keep=False), "run_id"]
-        hit = df["run_id"].isin(clash).to_numpy()
-        labels[hit] = labels[hit] + " #" + df.loc[hit, "run_id"].astype("int64").astype(str)
-    return labels
-
-
-# ---------------------------------------------------------------------------- colour / texture
-def _keyed_groups(pairs: pd.DataFrame, extra: Sequence[str] = ()) -> Any:
-    """``pairs`` grouped per :data:`TUPLE_COLUMNS` (+ ``extra``); missing run columns are added empty
-    (``features`` from :func:`feature_label`), so a table without ``run_id`` groups by model and measure."""
-    missing = [c for c in ("color_corr", "lbp_chi2", "metric", *extra) if c not in pairs.columns]
-    if missing:
-        raise ValueError(f"pairs table lacks columns {missing} (use cbir.descriptors.pair_similarities)")
-    df = pairs.copy()
-    if "features" not in df.columns:
-        df["features"] = feature_label(df)
-    for key in TUPLE_COLUMNS:
-        if key not in df.columns:
-            df[key] = pd.Series(pd.NA, index=df.index, dtype=object)
-    return df.groupby([*TUPLE_COLUMNS, *extra], dropna=False, sort=False)
-
-
-def _stats(grouped: Any) -> pd.DataFrame:
-    out = grouped.agg(n_pairs=("color_corr", "count"),
-                      color_corr_mean=("color_corr", "mean"), color_corr_min=("color_corr", "min"),
-                      color_corr_max=("color_corr", "max"), lbp_chi2_mean=("lbp_chi2", "mean"),
-                      lbp_chi2_min=("lbp_chi2", "min"), lbp_chi2_max=("lbp_chi2", "max")).reset_index()
-    out["n_pairs"] = out["n_pairs"].astype("int64")
-    return out
-
-
-def color_texture_table(pairs: pd.DataFrame, *, decimals: int | None = None) -> pd.DataFrame:
-    """Colour correlation and LBP chi-square of the (query, neighbour) pairs per feature run and measure
-    (the study's Tables 11 and 13; one row per :data:`TUPLE_COLUMNS`, in order of appearance).
-
-    ``pairs``: :func:`cbir.descriptors.pair_similarities` output of :func:`stored_neighbours` (``color_corr``,
-    ``lbp_chi2``, ``metric`` and the run columns; those missing are left empty, so rows without ``run_id``
-    group by model, layer, pooling and weights). Columns :data:`COLOR_TEXTURE_COLUMNS`; ``n_pairs`` counts
-    pairs with both images readable (NaN pairs are left out of the statistics).
-    """
-    out = _stats(_keyed_groups(pairs))[COLOR_TEXTURE_COLUMNS]
-    return out.round(decimals) if decimals is not None else out
-
-
-def color_texture_by_rank(pairs: pd.DataFrame, *, decimals: int | None = None) -> pd.DataFrame:
-    """Like :func:`color_texture_table` per run, measure and neighbour ``rank`` (the study's Tables 12 and
-    14): run and measure in order of appearance, then rank."""
-    out = _stats(_keyed_groups(pairs, ["rank"]))
-    group = out.groupby(TUPLE_COLUMNS, dropna=False, sort=False).ngroup()
-    out = out.assign(_g=group.to_numpy()).sort_values(["_g", "rank"], kind="stable").reset_index(drop=True)
-    out = out[[*TUPLE_COLUMNS, "rank", *COLOR_TEXTURE_COLUMNS[len(TUPLE_COLUMNS):]]]
-    return out.round(decimals) if decimals is not None else out
-
-
-def best_tuple(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None = None,
-               by: Sequence[str] = ("subcategory_match", "category_match")) -> dict[str, Any]:
-    """The neighbour set (feature run and measure) with the highest mean per-query match (``by`` in order,
-    ties to the first set in the table), with its scores: ``{run_id, features, ..., metric, ...by}``
-    (the :data:`TUPLE_COLUMNS` present in ``neighbours``; without ``run_id`` sets are told apart by
-    model, layer, pooling and metric)."""
-    if "run_id" in neighbours.columns:
-        pq = pd.concat([per_query(g, labels, k=k).assign(run_id=rid)
-                        for rid, g in neighbours.groupby("run_id", sort=False)], ignore_index=True)
-        keys = ["run_id", *KEYS]
-    else:
-        pq, keys = per_query(neighbours, labels, k=k), KEYS
-    means = pq.groupby(keys, dropna=False, sort=False)[list(by)].mean().reset_index()
-    means["_order"] = np.arange(len(means))
-    top = means.sort_values([*by, "_order"], ascending=[False] * len(by) + [True], kind="stable").iloc[0]
-    best = {c: (None if pd.isna(top[c]) else top[c]) for c in keys}
-    if "run_id" in best:
-        best["run_id"] = int(best["run_id"])
-        run = neighbours.loc[neighbours["run_id"] == best["run_id"]]
-        if "features" not in run.columns:
-            run = run.assign(features=feature_label(neighbours).loc[run.index])
-        first = run.iloc[0]
-        best |= {c: (None if pd.isna(first[c]) else first[c]) for c in RUN_COLUMNS if c in run.columns}
-    cols = [c for c in TUPLE_COLUMNS if c in best]
-    return {c: best[c] for c in cols} | {s: float(top[s]) for s in by}
-
-
-def example_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Four instructive (query, neighbour) pairs: the most and least similar in colour (highest / lowest
-    ``color_corr``) and in texture (lowest / highest ``lbp_chi2``); one row each with ``example`` naming it.
-    Pairs with NaN values are skipped."""
-    ok = pairs.dropna(subset=["color_corr", "lbp_chi2"])
-    if ok.empty:
-        raise ValueError("no pair with both colour and texture values")
-    picks = [("most similar colour", ok["color_corr"].idxmax()), ("least similar colour", ok["color_corr"].idxmin()),
-             ("most similar texture", ok["lbp_chi2"].idxmin()), ("least similar texture", ok["lbp_chi2"].idxmax())]
-    out = ok.loc[[i for _, i in picks]].reset_index(drop=True)
-    out.insert(0, "example", [name for name, _ in picks])
-    return out
-
-
-# ------------------------------------------------------------------------ region of interest
+# ------------------------------------------------------------------------ crops and features
 def roi_variant(margin: int = DEFAULT_ROI_MARGIN) -> str:
     """The store's image variant of ROI crops with ``margin`` pixels: ``"roi"`` for the default margin
     (4), ``"roi_m<margin>"`` otherwise, so crops with another margin never reuse the others' features."""
@@ -287,6 +134,7 @@ def roi_histograms(ids: Sequence[str] | np.ndarray, images: Any, *, bins: int = 
     return whole, roi
 
 
+# -------------------------------------------------------------------------------- the ablation
 def _pair_means(nb: pd.DataFrame, hist: HistogramSet, k: int | None) -> pd.DataFrame:
     nb = nb if k is None else nb.loc[nb["rank"] <= k]
     pairs = pair_similarities(nb, histograms=hist)
@@ -340,7 +188,7 @@ def paired_summary(per_query_scores: pd.DataFrame, *, n_boot: int = 2000, n_perm
                    seed: int = 0) -> pd.DataFrame:
     """Mean ``original`` and ``cropped`` score per tuple and measure, their ``difference`` (cropped -
     original), a paired bootstrap 95% CI of the mean difference (``diff_lo, diff_hi``) and the two-sided
-    sign-flip randomisation ``p_value`` over queries (:func:`cbir.evaluate.paired_test`). Queries with a
+    sign-flip randomisation ``p_value`` over queries (:func:`cbir.stats.paired_test`). Queries with a
     NaN score (an unreadable image) are left out of that measure. Columns :data:`ROI_ABLATION_COLUMNS`."""
     need = [*KEYS, "query_id", "measure", "original", "cropped"]
     missing = [c for c in need if c not in per_query_scores.columns]
@@ -385,7 +233,7 @@ def roi_ablation(store: Any, catalog: Any, *, run_id: int, roi_run_id: int, metr
 
     ``catalog``: a split Catalog (``split_queries``); ``run_id``: its whole-image features; ``roi_run_id``:
     the same model on the ROI crops (:func:`ensure_roi_features`). The queries search the searchable
-    catalogue in both runs (:func:`ensure_neighbours`, stored); histograms are computed once per image
+    catalogue in both runs (:func:`cbir.neighbours.ensure_neighbours`, stored); histograms are computed once per image
     (:func:`roi_histograms`); per-query scores (:func:`roi_per_query`) and the paired summary
     (:func:`paired_summary`) follow.
     """
@@ -497,67 +345,3 @@ def pick_colour_example(whole: HistogramSet, roi: HistogramSet, labels: pd.DataF
                           "colour_a": ca[best], "colour_b": cb[best], "colour_distance": float(dist[best]),
                           "color_corr_whole": float(corr_w[best]), "color_corr_roi": float(corr_r[best]),
                           "drop": float(drop[best]), "criterion": criterion}], columns=cols)
-
-
-# ---------------------------------------------------------------------------------- figures
-def plot_color_texture_heatmaps(pairs: pd.DataFrame, *, rows: str = "features", cols: str = "metric",
-                                title: str | None = None) -> Any:
-    """Mean colour correlation (top) and mean LBP chi-square (bottom) of the pairs by ``rows`` x ``cols``
-    (:func:`cbir.plots.colour.plot_similarity_heatmap` on two stacked axes; ``rows="features"`` is made
-    with :func:`feature_label` when absent). Darker = more alike in both. Returns a matplotlib Figure."""
-    from matplotlib.figure import Figure
-
-    from cbir.plots.colour import plot_similarity_heatmap
-
-    df = pairs.assign(features=feature_label(pairs)) if rows == "features" and "features" not in pairs else pairs
-    n_rows, n_cols = df[rows].nunique(), df[cols].nunique()
-    label = int(df[rows].astype(str).str.len().max())
-    fig = Figure(figsize=(1.05 * n_cols + 0.075 * label + 2.2, 2 * (0.42 * n_rows + 1.25)), layout="constrained")
-    axes = fig.subplots(2, 1)
-    for ax, value, name in zip(axes, ("color_corr", "lbp_chi2"), ("colour correlation", "LBP chi-square")):
-        plot_similarity_heatmap(df, value=value, rows=rows, cols=cols, ax=ax, title=f"mean {name}")
-        ax.tick_params(axis="y", rotation=0, labelsize=8)
-        ax.tick_params(axis="x", rotation=0, labelsize=8)
-        ax.set_ylabel("")
-    axes[0].set_xlabel("")
-    fig.suptitle(title or "query-neighbour pairs by features x distance measure (darker = more alike)", fontsize=10)
-    return fig
-
-
-
-_MEASURE_TITLES = {"category_match": "category match (share of top k)",
-                   "subcategory_match": "sub-category match (share of top k)",
-                   "color_corr": "colour correlation (1 = same colours)",
-                   "lbp_chi2": "LBP chi-square (0 = same texture)"}
-
-
-def plot_roi_differences(summary: pd.DataFrame, *, title: str | None = None, tile: float = 3.2) -> Any:
-    """One panel per measure: the mean change ``cropped - original`` per metric with its 95% CI (from
-    :func:`paired_summary`); filled markers where the CI excludes 0. Returns a matplotlib Figure."""
-    from matplotlib.figure import Figure
-
-    measures = [m for m in ROI_MEASURES if m in set(summary["measure"])]
-    if not measures:
-        raise ValueError(f"summary has none of the measures {ROI_MEASURES}")
-    fig = Figure(figsize=(tile * len(measures), 0.35 * summary["metric"].nunique() + 1.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
-    metrics = list(pd.unique(summary["metric"]))
-    y = np.arange(len(metrics))
-    for ax, measure in zip(axes, measures):
-        rows = summary.loc[summary["measure"] == measure].set_index("metric").reindex(metrics)
-        d, lo, hi = (rows[c].to_numpy(dtype=float) for c in ("difference", "diff_lo", "diff_hi"))
-        sig = (lo > 0) | (hi < 0)
-        ax.axvline(0, color="0.5", lw=0.8)
-        ax.errorbar(d, y, xerr=np.vstack([d - lo, hi - d]), fmt="none", ecolor="0.3", capsize=3, lw=1)
-        ax.scatter(d[sig], y[sig], color="tab:blue", zorder=3, s=28, label="CI excludes 0")
-        ax.scatter(d[~sig], y[~sig], facecolor="white", edgecolor="tab:blue", zorder=3, s=28, label="CI includes 0")
-        ax.set_title(_MEASURE_TITLES.get(measure, measure), fontsize=9)
-        ax.set_xlabel("cropped - original", fontsize=8)
-        ax.tick_params(labelsize=8)
-    axes[0].set_yticks(y, metrics)
-    axes[0].invert_yaxis()
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    fig.suptitle(title or "change with region-of-interest cropping (mean over queries, 95% paired bootstrap CI)",
-                 fontsize=10)
-    return fig

@@ -1,9 +1,11 @@
 """Retrieval evaluation: match rates with confidence intervals, paired tests, per-rank and per-class
-tables, confusion, precision-recall, mAP@k and the study's cross-validation.
+tables, confusion, precision-recall, mAP@k, the recall of approximate search and the study's
+cross-validation. Pure functions on DataFrames and arrays: nothing here reads or writes the store
+(stored neighbour sets come from :mod:`cbir.neighbours`, the statistics from :mod:`cbir.stats`).
 
 Inputs are tidy: a *neighbours* DataFrame (``query_id, rank`` 1-based, ``neighbour_id, distance`` as
 written by :func:`cbir.search.search` / ``FeatureStore.neighbours``) with optional tuple columns
-``model, layer, pooling, metric`` (see :func:`neighbours_from_store`), and a *labels* DataFrame
+``model, layer, pooling, metric`` (see :func:`cbir.neighbours.neighbours_from_store`), and a *labels* DataFrame
 ``image_id, category, subcategory`` (a catalogue table). Every table has one row per tuple
 (model, layer, pooling, metric) and the columns named in each function.
 
@@ -19,21 +21,21 @@ Definitions (per query, over its top-k neighbours):
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cbir.search import METRICS, search
+from cbir.runs import RUN_COLUMNS, TUPLE_COLUMNS, feature_label
+from cbir.search import METRICS, ApproximateIndex, knn, recall_at_k, search
+from cbir.stats import bootstrap_ci, holm, paired_test
 
 __all__ = [
-    "KEYS", "MATCH_COLUMNS", "LEVELS", "select", "per_query", "match_table", "bootstrap_ci", "paired_test",
-    "compare", "paired_tests", "match_by_rank", "match_by_subcategory", "confusion", "precision_recall",
-    "precision_at_k", "average_precision_at_k", "map_at_k", "whiten_for_fold", "cross_validate",
-    "neighbours_from_store", "save_table", "PAIRED_TEST_COLUMNS",
+    "KEYS", "MATCH_COLUMNS", "LEVELS", "select", "per_query", "match_table", "best_tuple", "compare",
+    "paired_tests", "match_by_rank", "match_by_subcategory", "confusion", "precision_recall", "precision_at_k",
+    "average_precision_at_k", "map_at_k", "ranking_depth", "ranking_table", "approximate_recall",
+    "whiten_for_fold", "cross_validate", "PAIRED_TEST_COLUMNS",
 ]
 
 KEYS = ["model", "layer", "pooling", "metric"]
@@ -129,28 +131,6 @@ def per_query(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None =
     return out.astype({"category_hit": float, "subcategory_hit": float, "n_neighbours": "int64"})
 
 
-def bootstrap_ci(values: Any, *, n_boot: int = 2000, seed: int = 0, ci: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval ``(lo, hi)`` of the mean of ``values`` (1-D).
-
-    ``n_boot`` resamples of the values with replacement (numpy, seeded: the same input and seed give the
-    same interval). NaN for no values.
-    """
-    v = np.asarray(values, dtype=np.float64).ravel()
-    if np.isnan(v).any():
-        raise ValueError("bootstrap_ci got NaN values")
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    step = max(1, (1 << 22) // len(v))  # resamples per chunk: a few million indices at a time
-    for s in range(0, n_boot, step):
-        idx = rng.integers(0, len(v), size=(min(step, n_boot - s), len(v)))
-        means[s:s + len(idx)] = v[idx].mean(axis=1)
-    alpha = 100 * (1 - ci) / 2
-    lo, hi = np.percentile(means, [alpha, 100 - alpha])
-    return float(lo), float(hi)
-
-
 def match_table(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None = None, n_boot: int = 2000,
                 seed: int = 0, ci: float = 0.95, hits: bool = False) -> pd.DataFrame:
     """Category and sub-category match of the top k per tuple, with bootstrap CIs over queries.
@@ -174,42 +154,31 @@ def match_table(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None
     return pd.DataFrame(rows, columns=columns)
 
 
-def paired_test(a: Any, b: Any, *, n_perm: int = 10000, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Paired comparison of per-query scores ``a[i]`` vs ``b[i]`` (same queries, same order).
-
-    Returns ``n, mean_a, mean_b, mean_diff`` (a - b), ``diff_lo, diff_hi`` (paired bootstrap 95% CI of the
-    mean difference), ``p_permutation`` (two-sided sign-flip randomisation test of the mean difference:
-    exact over all 2^n sign patterns when ``2^n <= n_perm``, else ``n_perm`` seeded random flips with the
-    ``(count + 1) / (n_perm + 1)`` estimate) and ``p_wilcoxon`` (:func:`scipy.stats.wilcoxon`, zero
-    differences dropped; 1.0 when all differences are zero).
-    """
-    from scipy.stats import wilcoxon
-
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    if a.shape != b.shape or len(a) == 0:
-        raise ValueError(f"paired_test needs two non-empty arrays of equal length, got {a.shape} and {b.shape}")
-    d = a - b
-    observed = abs(d.mean())
-    tol = 1e-12 * max(1.0, observed)
-    rng = np.random.default_rng(seed)
-    if 2 ** len(d) <= n_perm:
-        signs = 1 - 2 * ((np.arange(2 ** len(d))[:, None] >> np.arange(len(d))) & 1)
-        p_perm = float(np.mean(np.abs(signs @ d) / len(d) >= observed - tol))
+def best_tuple(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | None = None,
+               by: Sequence[str] = ("subcategory_match", "category_match")) -> dict[str, Any]:
+    """The neighbour set (feature run and measure) with the highest mean per-query match (``by`` in order,
+    ties to the first set in the table), with its scores: ``{run_id, features, ..., metric, ...by}``
+    (the :data:`cbir.runs.TUPLE_COLUMNS` present in ``neighbours``; without ``run_id`` sets are told apart by
+    model, layer, pooling and metric)."""
+    if "run_id" in neighbours.columns:
+        pq = pd.concat([per_query(g, labels, k=k).assign(run_id=rid)
+                        for rid, g in neighbours.groupby("run_id", sort=False)], ignore_index=True)
+        keys = ["run_id", *KEYS]
     else:
-        count = 0
-        step = max(1, (1 << 22) // len(d))
-        for s in range(0, n_perm, step):
-            signs = rng.choice(np.array([-1.0, 1.0]), size=(min(step, n_perm - s), len(d)))
-            count += int(np.sum(np.abs(signs @ d) / len(d) >= observed - tol))
-        p_perm = (count + 1) / (n_perm + 1)
-    if np.all(d == 0):
-        p_wil = 1.0
-    else:
-        p_wil = float(wilcoxon(d).pvalue)
-    lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
-    return {"n": int(len(d)), "mean_a": float(a.mean()), "mean_b": float(b.mean()), "mean_diff": float(d.mean()),
-            "diff_lo": lo, "diff_hi": hi, "p_permutation": float(p_perm), "p_wilcoxon": p_wil}
+        pq, keys = per_query(neighbours, labels, k=k), KEYS
+    means = pq.groupby(keys, dropna=False, sort=False)[list(by)].mean().reset_index()
+    means["_order"] = np.arange(len(means))
+    top = means.sort_values([*by, "_order"], ascending=[False] * len(by) + [True], kind="stable").iloc[0]
+    best = {c: (None if pd.isna(top[c]) else top[c]) for c in keys}
+    if "run_id" in best:
+        best["run_id"] = int(best["run_id"])
+        run = neighbours.loc[neighbours["run_id"] == best["run_id"]]
+        if "features" not in run.columns:
+            run = run.assign(features=feature_label(neighbours).loc[run.index])
+        first = run.iloc[0]
+        best |= {c: (None if pd.isna(first[c]) else first[c]) for c in RUN_COLUMNS if c in run.columns}
+    cols = [c for c in TUPLE_COLUMNS if c in best]
+    return {c: best[c] for c in cols} | {s: float(top[s]) for s in by}
 
 
 def _scores_of(scores: pd.DataFrame, key: Mapping[str, Any], score: str) -> pd.Series:
@@ -235,16 +204,6 @@ def compare(scores: pd.DataFrame, a: Mapping[str, Any], b: Mapping[str, Any], *,
             **paired_test(sa.loc[common].to_numpy(), sb.loc[common].to_numpy(), n_perm=n_perm, seed=seed)}
 
 
-def _holm(p: np.ndarray) -> np.ndarray:
-    """Holm step-down adjusted p-values."""
-    order = np.argsort(p, kind="stable")
-    m = len(p)
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adjusted
-    return out
-
-
 def paired_tests(scores: pd.DataFrame, *, score: str = "category_match", baseline: Mapping[str, Any] | None = None,
                  n_perm: int = 10000, seed: int = 0) -> pd.DataFrame:
     """Paired tests between tuples of :func:`per_query` output: every tuple against ``baseline`` (one tuple),
@@ -265,7 +224,7 @@ def paired_tests(scores: pd.DataFrame, *, score: str = "category_match", baselin
         rows.append({**{f"a_{c}": ta[c] for c in KEYS}, **{f"b_{c}": tb[c] for c in KEYS},
                      **{c: v for c, v in res.items() if c not in ("a", "b", "score")}})
     out = pd.DataFrame(rows, columns=PAIRED_TEST_COLUMNS[:-1])
-    out["p_holm"] = _holm(out["p_permutation"].to_numpy(dtype=float))
+    out["p_holm"] = holm(out["p_permutation"].to_numpy(dtype=float))
     return out
 
 
@@ -422,6 +381,41 @@ def map_at_k(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | Sequenc
     return pd.DataFrame(rows, columns=[*KEYS, "level", "k", "map", "n_queries"])
 
 
+def ranking_depth(depth: int, *, k: int, n_catalog: int, cutoffs: Sequence[int] = (5, 10)) -> int:
+    """How deep to search for the ranking measures: ``depth`` raised to ``k`` and the deepest cut-off,
+    capped at the ``n_catalog`` searchable images."""
+    return int(min(max(int(depth), int(k), *(int(c) for c in cutoffs)), int(n_catalog)))
+
+
+def ranking_table(neighbours: pd.DataFrame, labels: pd.DataFrame, *, k: int | Sequence[int] = (5, 10),
+                  level: str | Sequence[str] = LEVELS, searchable: Sequence[str] | None = None) -> pd.DataFrame:
+    """Precision@k, recall@k (:func:`precision_at_k`) and mAP@k (:func:`map_at_k`) side by side at the
+    cut-offs ``k`` the returned lists reach (deeper ones are left out). Columns: keys, ``level, k,
+    precision, recall, n_queries, map``."""
+    depth = int(pd.to_numeric(neighbours["rank"]).max())
+    cutoffs = [int(c) for c in ([k] if np.isscalar(k) else k) if int(c) <= depth]
+    if not cutoffs:
+        raise ValueError(f"no cut-off of {k} within the neighbour lists (they stop at rank {depth})")
+    precision = precision_at_k(neighbours, labels, k=cutoffs, level=level, searchable=searchable)
+    average = map_at_k(neighbours, labels, k=cutoffs, level=level, searchable=searchable)
+    return precision.merge(average.drop(columns="n_queries"), on=[*KEYS, "level", "k"])
+
+
+# ---------------------------------------------------------------------------------- approximate search
+def approximate_recall(catalog_X: Any, query_X: Any, *, metrics: Sequence[str] = ("cosine", "euclidean"),
+                       k: int = 5, kind: str = "hnsw", **index_settings: Any) -> pd.DataFrame:
+    """Recall@k of approximate search (:class:`cbir.search.ApproximateIndex` of ``kind`` with
+    ``index_settings``) against exact search (:func:`cbir.search.knn`) per measure. Columns ``metric, index``
+    (the index's own :attr:`~cbir.search.ApproximateIndex.label`), ``k, n_catalog, recall_at_k``."""
+    rows = []
+    for metric in metrics:
+        exact = knn(catalog_X, query_X, metric, k=k)[1]
+        index = ApproximateIndex(catalog_X, metric=metric, kind=kind, **index_settings)
+        rows.append({"metric": metric, "index": index.label, "k": int(k), "n_catalog": len(catalog_X),
+                     "recall_at_k": recall_at_k(index.search(query_X, k)[1], exact)})
+    return pd.DataFrame(rows, columns=["metric", "index", "k", "n_catalog", "recall_at_k"])
+
+
 # -------------------------------------------------------------------------------- cross-validation
 def whiten_for_fold(ids: Sequence[str] | np.ndarray, X: Any, *, fit_ids: Sequence[str], query_ids: Sequence[str],
                     fold: int | None = None, seed: int = 0) -> np.ndarray:
@@ -511,32 +505,3 @@ def cross_validate(ids: Sequence[str] | np.ndarray, X: Any, labels: pd.DataFrame
     return per_fold, summary[order]
 
 
-# ------------------------------------------------------------------------------------- store, files
-def neighbours_from_store(store: Any, run_ids: Sequence[int] | None = None, metrics: Sequence[str] | None = None,
-                          *, tag: str = "") -> pd.DataFrame:
-    """Every stored neighbour set (optionally of ``run_ids`` / ``metrics``) in one frame with the tuple
-    columns: ``run_id, model, layer, pooling, metric, query_id, rank, neighbour_id, distance, similarity``."""
-    sets = store.neighbour_sets()
-    sets = sets.loc[sets["tag"] == tag]
-    if run_ids is not None:
-        sets = sets.loc[sets["run_id"].isin([int(r) for r in run_ids])]
-    if metrics is not None:
-        sets = sets.loc[sets["metric"].isin(list(metrics))]
-    frames = []
-    for run_id, metric in zip(sets["run_id"], sets["metric"]):
-        run = store.run(int(run_id))
-        df = store.neighbours(int(run_id), metric, tag=tag)
-        frames.append(df.assign(run_id=int(run_id), model=run.get("model"), layer=run.get("layer"),
-                                pooling=run.get("pooling"), metric=metric))
-    cols = ["run_id", *KEYS, "query_id", "rank", "neighbour_id", "distance", "similarity"]
-    if not frames:
-        return pd.DataFrame(columns=cols)
-    return pd.concat(frames, ignore_index=True)[cols]
-
-
-def save_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str, *, decimals: int = 4) -> Path:
-    """Write ``df`` (floats rounded to ``decimals``) to ``<out_dir>/tables/<name>.csv``; returns the path."""
-    path = Path(out_dir) / "tables" / f"{name}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.round(decimals).to_csv(path, index=not isinstance(df.index, pd.RangeIndex))
-    return path

@@ -3,7 +3,8 @@
 ``neighbour_gallery(neighbours, catalog_df)`` returns a widget: pick the measure (or model / measure
 tuple) and a query, and see the query and its k neighbours as JPEG thumbnails with labels and
 distances, framed green when a neighbour has the query's label and red when not.
-``static_gallery(...)`` draws the same as a matplotlib figure (papermill / nbval runs, reports).
+``static_gallery(...)`` draws the same as a matplotlib figure (papermill / nbval runs, reports);
+``neighbour_overview(...)`` shows a few queries' neighbours as a compact text table.
 """
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import ipywidgets as widgets
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from cbir.plots.retrieval import (MATCH_COLOUR, MISMATCH_COLOUR, QUERY_COLOUR, image_paths, neighbour_cards,
                                   plot_neighbour_grid, thumbnail, tuple_labels)
+from cbir.search import METRICS
 
-__all__ = ["NeighbourGallery", "neighbour_gallery", "static_gallery", "thumbnail_base64"]
+__all__ = ["NeighbourGallery", "neighbour_gallery", "static_gallery", "neighbour_overview", "thumbnail_base64"]
 
 _KEYS = ("model", "layer", "pooling", "metric")
 
@@ -136,3 +139,28 @@ def static_gallery(neighbours: pd.DataFrame, labels: pd.DataFrame, *, metric: st
     return plot_neighbour_grid(nb, labels, query_ids=query_ids, n_queries=n_queries, level=level, thumb=thumb,
                                path=path)
 
+
+def neighbour_overview(neighbours: pd.DataFrame, labels: pd.DataFrame, query_ids: Sequence[str], *,
+                       level: str = "subcategory", decimals: int = 3) -> pd.DataFrame:
+    """A compact view of some queries' neighbours: one row per (query, its ``level`` label, measure), one
+    column per rank holding ``"<mark> <neighbour label> <distance>"`` (mark ``+`` = same label as the query,
+    ``-`` = different; distance rounded to ``decimals``)."""
+    lab = labels.set_index(labels["image_id"].astype(str))[level]
+    nb = neighbours.loc[neighbours["query_id"].astype(str).isin([str(q) for q in query_ids])].copy()
+    if nb.empty:
+        raise KeyError(f"no neighbours for queries {list(query_ids)[:5]}")
+    if "metric" not in nb.columns:
+        nb["metric"] = ""
+    nb["query"] = nb["query_id"].astype(str)
+    nb["query_label"] = nb["query"].map(lab)
+    n_label = nb["neighbour_id"].astype(str).map(lab)
+    mark = np.where(n_label.to_numpy() == nb["query_label"].to_numpy(), "+", "-")
+    nb["cell"] = [f"{m} {lbl} {d:.{decimals}f}" for m, lbl, d in zip(mark, n_label, nb["distance"].astype(float))]
+    order = {q: i for i, q in enumerate(str(q) for q in query_ids)}
+    metric_order = {m: i for i, m in enumerate(METRICS)}
+    wide = nb.pivot(index=["query", "query_label", "metric"], columns="rank", values="cell")
+    wide = wide.sort_index(key=lambda s: s.map(order) if s.name == "query"
+                           else (s.map(metric_order) if s.name == "metric" else s))
+    wide.columns = [f"#{int(r)}" for r in wide.columns]
+    wide.index.names = ["query", f"query {level}", "metric"]
+    return wide.fillna("")

@@ -40,7 +40,7 @@ from cbir.measures import MEASURES, Measure, get_measure, measure_names
 
 __all__ = [
     "METRICS", "SIMILARITY_METRICS", "ENGINES", "DEFAULT_ENGINE", "ExactIndex", "knn", "similarity", "search",
-    "run_search", "ensure_neighbours", "ApproximateIndex", "recall_at_k",
+    "NEIGHBOUR_COLUMNS", "ApproximateIndex", "recall_at_k",
 ]
 
 METRICS: tuple[str, ...] = measure_names()
@@ -433,94 +433,6 @@ def search(catalog_ids: Sequence[str] | np.ndarray, catalog_X: Any, query_ids: S
     })
 
 
-def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
-               catalog_ids: Sequence[str] | np.ndarray | None = None, metrics: Sequence[str] = METRICS,
-               k: int = 5, *, p: float = 3.0, same_category: bool = False, exclude_self: bool = True,
-               exclude_duplicates: bool = True, engine: str = "auto", tag: str = "",
-               save: bool = True) -> pd.DataFrame:
-    """Search a stored run with each measure and save each neighbour set in the store.
-
-    Reads vectors with ``store.features(run_id, ids)`` (``catalog_ids`` default: every vector of the run),
-    categories and duplicate groups from ``store.catalog()``, runs :func:`search` per measure and
-    ``store.put_neighbours(run_id, metric, df, tag=tag, params=...)``. Returns all neighbour sets:
-    ``run_id, metric`` + the :func:`search` columns.
-    """
-    query_ids = np.asarray(query_ids).astype(str)
-    if catalog_ids is None:
-        catalog_ids, Xc = store.features(run_id)
-    else:
-        catalog_ids, Xc = store.features(run_id, np.asarray(catalog_ids).astype(str))
-    _, Xq = store.features(run_id, query_ids)
-    labels = store.catalog()
-    labels = labels.set_index(labels["image_id"].astype(str))
-    categories = labels["category"] if same_category else None
-    dups = labels["dup_group"] if (exclude_duplicates and "dup_group" in labels.columns) else None
-    params = {"k": int(k), "p": float(p), "same_category": bool(same_category), "exclude_self": bool(exclude_self),
-              "exclude_duplicates": bool(exclude_duplicates), "n_queries": int(len(query_ids)),
-              "n_catalog": int(len(catalog_ids))}
-    frames = []
-    for metric in metrics:
-        df = search(catalog_ids, Xc, query_ids, Xq, metric=metric, k=k, p=p, same_category=same_category,
-                    categories=categories, exclude_self=exclude_self, exclude_duplicates=exclude_duplicates,
-                    dup_groups=dups, engine=engine)
-        if save:
-            store.put_neighbours(run_id, metric, df, tag=tag,
-                                 params={**params, "p": float(p) if "p" in get_measure(metric).params else None})
-        frames.append(df.assign(run_id=int(run_id), metric=metric))
-    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=NEIGHBOUR_COLUMNS)
-    return out[["run_id", "metric", *NEIGHBOUR_COLUMNS]] if frames else out
-
-
-# ------------------------------------------------------------------------- stored neighbour sets
-def _set_matches(store: Any, run_id: int, metric: str, tag: str, row: pd.Series, query_ids: np.ndarray,
-                 catalog_ids: np.ndarray, k: int, p: float, same_category: bool) -> bool:
-    """True when the stored set was searched with these settings, for these queries, in this catalogue."""
-    params = row["params"] if isinstance(row["params"], Mapping) else {}
-    if (params.get("k") != k or bool(params.get("same_category")) != bool(same_category)
-            or params.get("n_catalog") != len(catalog_ids) or params.get("n_queries") != len(query_ids)):
-        return False
-    if "p" in get_measure(metric).params and params.get("p") is not None and float(params["p"]) != float(p):
-        return False
-    stored = store.neighbours(int(run_id), metric, tag=tag)
-    return bool(np.isin(stored["query_id"].unique(), query_ids).all()
-                and np.isin(stored["neighbour_id"].unique(), catalog_ids).all())
-
-
-def ensure_neighbours(store: Any, run_id: int, *, query_ids: Sequence[str] | np.ndarray,
-                      catalog_ids: Sequence[str] | np.ndarray, metrics: Sequence[str] = METRICS, k: int = 5,
-                      p: float = 3.0, same_category: bool = False, tag: str = "") -> pd.DataFrame:
-    """The run's neighbour sets for ``metrics``, searching only those missing from the store.
-
-    ``query_ids`` search ``catalog_ids`` (e.g. ``cat.queries().ids`` and ``cat.searchable().ids``);
-    ids without a vector in the run (extraction failures) are left out. A stored set is reused when
-    it has the same ``k``, ``same_category``, ``p`` (minkowski), number of catalogue images and
-    queries; otherwise it is searched again (:func:`run_search`) and replaced.
-    Returns :func:`cbir.evaluate.neighbours_from_store` rows: ``run_id, model, layer, pooling, metric,
-    query_id, rank, neighbour_id, distance, similarity``.
-    """
-    from cbir.evaluate import neighbours_from_store  # evaluate imports this module
-
-    metrics = list(metrics)
-    bad = [m for m in metrics if m not in MEASURES]
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; expected some of {tuple(MEASURES)}")
-    q = store.ids_with_vectors(int(run_id), query_ids)
-    c = store.ids_with_vectors(int(run_id), catalog_ids)
-    if len(q) == 0 or len(c) == 0:
-        raise ValueError(f"run {run_id} has vectors for {len(q)} of {len(np.asarray(query_ids))} queries and "
-                         f"{len(c)} of {len(np.asarray(catalog_ids))} catalogue images: nothing to search")
-    sets = store.neighbour_sets()
-    sets = sets.loc[(sets["run_id"] == int(run_id)) & (sets["tag"] == tag)].set_index("metric")
-    todo = [m for m in metrics if m not in sets.index
-            or not _set_matches(store, run_id, m, tag, sets.loc[m], q, c, int(k), p, same_category)]
-    if todo:
-        run_search(store, int(run_id), q, catalog_ids=c, metrics=todo, k=int(k), p=float(p),
-                   same_category=same_category, tag=tag, save=True)
-    nb = neighbours_from_store(store, [int(run_id)], metrics, tag=tag)
-    order = {m: i for i, m in enumerate(metrics)}
-    return nb.sort_values("metric", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-
-
 # -------------------------------------------------------------------------------------- approximate
 class ApproximateIndex:
     """Approximate k-NN with faiss for large catalogues (``metric`` cosine or euclidean).
@@ -562,6 +474,17 @@ class ApproximateIndex:
             index.nprobe = int(nprobe if nprobe is not None else min(nlist, max(8, nlist // 8)))
             self._quantizer = quantizer  # keep alive with the index
         self.index = index
+        self.settings = ({"M": int(hnsw_m), "efConstruction": index.hnsw.efConstruction,
+                          "efSearch": index.hnsw.efSearch} if kind == "hnsw"
+                         else {"nlist": index.nlist, "nprobe": index.nprobe})
+        """The index's own settings as faiss holds them (HNSW: ``M, efConstruction, efSearch``; IVF:
+        ``nlist, nprobe``)."""
+
+    @property
+    def label(self) -> str:
+        """A display name from :attr:`settings`, e.g. ``"faiss HNSW (M=32, efSearch=128)"``."""
+        shown = ("M", "efSearch") if self.kind == "hnsw" else ("nlist", "nprobe")
+        return f"faiss {self.kind.upper()} ({', '.join(f'{s}={self.settings[s]}' for s in shown)})"
 
     def search(self, query_X: Any, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """``(distances (nq, k) float64, indices (nq, k) int64)``; index -1 / distance inf where fewer found."""

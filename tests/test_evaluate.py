@@ -1,5 +1,6 @@
 """cbir.evaluate on hand-built cases (expected values worked out by hand in the comments), AP@k against
-scikit-learn, bootstrap / paired-test behaviour and the cross-validation protocol."""
+scikit-learn, paired tests between tuples, the ranking table, approximate recall and the cross-validation
+protocol. The statistics themselves are tested in test_stats.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 
 from cbir import evaluate as ev
-from cbir.search import knn, search
+from cbir.search import ApproximateIndex, knn, recall_at_k, search
 
 
 @pytest.fixture()
@@ -139,51 +140,49 @@ def test_average_precision_matches_sklearn_on_full_ranking():
     np.testing.assert_allclose(ev.average_precision_at_k(rel, R, n - 1), aps, rtol=1e-12)
 
 
+def test_ranking_depth_and_table_by_hand(neighbours, labels):
+    # depth raised to k and the deepest cut-off (10), capped at the searchable images
+    assert ev.ranking_depth(100, k=5, n_catalog=300) == 100
+    assert ev.ranking_depth(3, k=5, n_catalog=300) == 10
+    assert ev.ranking_depth(100, k=5, n_catalog=40) == 40
+    assert ev.ranking_depth(2, k=1, n_catalog=300, cutoffs=(2, 3)) == 3
+    cos = ev.select(neighbours, metric="cosine")
+    # lists stop at rank 3: cut-off 5 is left out; category P@2 = (1 + 1/2) / 2, R@2 = (2/3 + 1/2) / 2,
+    # AP@2 = (1 + 1/4) / 2 (see test_precision_recall_and_map_by_hand)
+    table = ev.ranking_table(cos, labels, k=(2, 5), level="category")
+    assert list(table.columns) == [*ev.KEYS, "level", "k", "precision", "recall", "n_queries", "map"]
+    assert table["k"].tolist() == [2]
+    row = table.iloc[0]
+    assert (row["precision"], row["recall"], row["map"]) == pytest.approx((0.75, 7 / 12, (1 + 1 / 4) / 2))
+    assert row["n_queries"] == 2
+    both = ev.ranking_table(neighbours, labels, k=(2, 3))
+    assert len(both) == 2 * 2 * 2  # measures x levels x cut-offs
+    with pytest.raises(ValueError, match="no cut-off of \\(5, 10\\) within the neighbour lists"):
+        ev.ranking_table(cos, labels, k=(5, 10))
+
+
+def test_approximate_recall_labels_each_row_with_the_index_settings():
+    rng = np.random.default_rng(0)
+    C = rng.standard_normal((500, 16)).astype(np.float32)
+    Q = rng.standard_normal((20, 16)).astype(np.float32)
+    table = ev.approximate_recall(C, Q, k=5)
+    assert list(table.columns) == ["metric", "index", "k", "n_catalog", "recall_at_k"]
+    assert table["metric"].tolist() == ["cosine", "euclidean"]
+    assert set(table["index"]) == {"faiss HNSW (M=32, efSearch=128)"} and set(table["n_catalog"]) == {500}
+    assert (table["recall_at_k"] > 0.9).all()  # 500 points: HNSW with efSearch 128 finds almost all
+    exact = knn(C, Q, "euclidean", k=5)[1]
+    assert table["recall_at_k"].iloc[1] == pytest.approx(
+        recall_at_k(ApproximateIndex(C, metric="euclidean").search(Q, 5)[1], exact))
+    small = ev.approximate_recall(C, Q, metrics=["euclidean"], k=5, hnsw_m=4, ef_search=5)
+    assert small["index"].item() == "faiss HNSW (M=4, efSearch=5)"
+
+
 def test_average_precision_at_k_definition():
     rel = np.array([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
     # row 0: (1/1 + 2/3) / min(5, 3) = 5/9; row 1: 0 / min(2, 3) = 0; row 2: R = 0 -> NaN
     got = ev.average_precision_at_k(rel, [5, 2, 0], 3)
     np.testing.assert_allclose(got[:2], [5 / 9, 0.0])
     assert np.isnan(got[2])
-
-
-def test_bootstrap_ci_contains_mean_and_is_deterministic():
-    rng = np.random.default_rng(0)
-    v = rng.integers(0, 6, 60) / 5
-    lo, hi = ev.bootstrap_ci(v, n_boot=2000, seed=0)
-    assert lo < v.mean() < hi
-    assert (lo, hi) == ev.bootstrap_ci(v, n_boot=2000, seed=0)
-    assert (lo, hi) != ev.bootstrap_ci(v, n_boot=2000, seed=1)
-    # about +- 1.96 standard errors
-    se = v.std(ddof=1) / np.sqrt(len(v))
-    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
-    assert ev.bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx((0.4, 0.4), abs=1e-15)
-    assert all(np.isnan(ev.bootstrap_ci([])))
-
-
-def test_paired_test_detects_a_real_difference_and_not_a_null_one():
-    rng = np.random.default_rng(1)
-    b = rng.integers(0, 6, 60) / 5
-    a = np.clip(b + rng.choice([0.0, 0.2, 0.4], size=60, p=[0.4, 0.4, 0.2]), 0, 1)
-    real = ev.paired_test(a, b)
-    assert real["mean_diff"] > 0.1 and real["diff_lo"] > 0
-    assert real["p_permutation"] < 0.001 and real["p_wilcoxon"] < 0.001
-    c = rng.integers(0, 6, 60) / 5
-    d = rng.integers(0, 6, 60) / 5
-    null = ev.paired_test(c, d)
-    assert null["p_permutation"] > 0.05 and null["p_wilcoxon"] > 0.05
-    assert null["diff_lo"] < 0 < null["diff_hi"]
-    assert ev.paired_test(c, d) == null  # seeded
-    same = ev.paired_test(c, c)
-    assert same["p_permutation"] == 1.0 and same["p_wilcoxon"] == 1.0
-
-
-def test_paired_test_exact_enumeration_by_hand():
-    # four differences of +1: of the 16 sign patterns only all-plus and all-minus reach |mean| = 1
-    assert ev.paired_test([1, 1, 1, 1], [0, 0, 0, 0])["p_permutation"] == pytest.approx(2 / 16)
-    # differences (1, -1, 2), observed |sum| = 2; the 8 sign patterns give sums
-    # 2, -2, 4, 0, 0, -4, 2, -2 -> |sum| >= 2 in 6 of 8
-    assert ev.paired_test([1, 0, 2], [0, 1, 0])["p_permutation"] == pytest.approx(6 / 8)
 
 
 def test_compare_and_paired_tests(neighbours, labels):
@@ -193,7 +192,6 @@ def test_compare_and_paired_tests(neighbours, labels):
     table = ev.paired_tests(pq, baseline={"metric": "cosine"})
     assert len(table) == 1 and table.loc[0, "a_metric"] == "euclidean" and table.loc[0, "b_metric"] == "cosine"
     assert table.loc[0, "p_holm"] == table.loc[0, "p_permutation"]
-    np.testing.assert_allclose(ev._holm(np.array([0.01, 0.04, 0.03])), [0.03, 0.06, 0.06])
 
 
 
@@ -271,30 +269,6 @@ def test_cross_validate_rejects_bad_folds(line12):
         ev.cross_validate(ids, X, labels, [np.array(["i1", "i2"]), np.array(["i2", "i3"])], metrics=["cosine"])
     with pytest.raises(KeyError, match="fold ids without features"):
         ev.cross_validate(ids, X, labels, [np.array(["i1", "zz"])], metrics=["cosine"])
-
-
-# ---------------------------------------------------------------------------------- store, files
-def test_neighbours_from_store_and_save_table(tmp_path, labels):
-    from cbir.search import run_search
-    from cbir.store import FeatureStore
-
-    store = FeatureStore(tmp_path / "s.sqlite")
-    store.put_catalog(labels.assign(path=[f"/p/{i}.jpg" for i in labels["image_id"]]))
-    rng = np.random.default_rng(0)
-    for model in ("m1", "m2"):
-        run_id = store.start_run({"model": model, "layer": None, "pooling": "gap"})
-        store.put_features(run_id, labels["image_id"], rng.standard_normal((7, 4)).astype(np.float32))
-        run_search(store, run_id, ["q1", "q2"], catalog_ids=["n1", "n2", "n3", "n4", "n5"],
-                   metrics=["cosine", "manhattan"], k=2)
-    nb = ev.neighbours_from_store(store)
-    assert len(nb) == 2 * 2 * 2 * 2
-    assert set(map(tuple, nb[["model", "metric"]].drop_duplicates().to_numpy())) == {
-        ("m1", "cosine"), ("m1", "manhattan"), ("m2", "cosine"), ("m2", "manhattan")}
-    table = ev.match_table(nb, store.catalog(), n_boot=50)
-    assert len(table) == 4 and set(table["pooling"]) == {"gap"} and table["layer"].isna().all()
-    path = ev.save_table(table, tmp_path / "out", "category_match")
-    back = pd.read_csv(path)
-    assert path.name == "category_match.csv" and list(back.columns) == ev.MATCH_COLUMNS and len(back) == 4
 
 
 # ---------------------------------------------------------------- cross-validation with PCA whitening

@@ -1,5 +1,5 @@
-"""cbir.search: exact k-NN for the six measures against scipy, the tie rule, search() options,
-approximate search and run_search through a real FeatureStore."""
+"""cbir.search: exact k-NN for the six measures against scipy, the tie rule, search() options and
+approximate search."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
 
-from cbir.search import (ENGINES, METRICS, ApproximateIndex, ExactIndex, knn, recall_at_k, run_search, search,
-                         similarity)
+from cbir.search import ENGINES, METRICS, ApproximateIndex, ExactIndex, knn, recall_at_k, search, similarity
 
 SCIPY_NAME = {"manhattan": "cityblock"}
 ENGINE_CASES = [(m, e) for m in METRICS for e, served in ENGINES.items() if m in served]
@@ -253,36 +252,17 @@ def test_recall_at_k_by_hand():
         recall_at_k(approx[:, :2], exact)
 
 
+def test_approximate_index_label_comes_from_its_own_settings():
+    C = clustered(400, 8, 4, seed=3)
+    hnsw = ApproximateIndex(C, metric="cosine", kind="hnsw")
+    assert hnsw.settings == {"M": 32, "efConstruction": 200, "efSearch": 128}  # the defaults, as faiss holds them
+    assert hnsw.label == "faiss HNSW (M=32, efSearch=128)"
+    other = ApproximateIndex(C, metric="euclidean", kind="hnsw", hnsw_m=8, ef_search=40)
+    assert other.index.hnsw.efSearch == 40 and other.label == "faiss HNSW (M=8, efSearch=40)"
+    ivf = ApproximateIndex(C, metric="euclidean", kind="ivf", nlist=4, nprobe=2)
+    assert ivf.index.nprobe == 2 and ivf.label == "faiss IVF (nlist=4, nprobe=2)"
+
+
 def test_approximate_rejects_other_metrics():
     with pytest.raises(ValueError, match="supports 'cosine' and 'euclidean'"):
         ApproximateIndex(np.ones((10, 3)), metric="manhattan")
-
-
-# -------------------------------------------------------------------------------------- run_search
-def test_run_search_reads_and_writes_the_store(tmp_path, line):
-    from cbir.store import FeatureStore
-
-    ids, X, cats = line
-    X = X.copy()
-    X[4] = X[3]
-    store = FeatureStore(tmp_path / "f.sqlite")
-    store.put_catalog(pd.DataFrame({"image_id": ids, "path": [f"/x/{i}.jpg" for i in ids],
-                                    "category": cats.to_numpy(), "subcategory": cats.to_numpy(),
-                                    "dup_group": [None, None, None, "c3", "c3", None, None, None, None, None]}))
-    run_id = store.start_run({"model": "toy", "layer": None, "pooling": "gap"})
-    store.put_features(run_id, ids, X)
-    out = run_search(store, run_id, ["c3", "c8"], catalog_ids=ids, metrics=["euclidean", "cosine"], k=2)
-    assert list(out.columns) == ["run_id", "metric", "query_id", "rank", "neighbour_id", "distance", "similarity"]
-    eu = out[out["metric"] == "euclidean"]
-    assert eu["neighbour_id"].tolist() == ["c2", "c1", "c7", "c9"]  # c3's copy c4 excluded
-    stored = store.neighbours(run_id, "euclidean")
-    pd.testing.assert_frame_equal(stored, eu.drop(columns=["run_id", "metric"]).reset_index(drop=True))
-    direct = search(ids, X, ["c3", "c8"], X[[3, 8]], metric="cosine", k=2,
-                    dup_groups=store.catalog().set_index("image_id")["dup_group"])
-    pd.testing.assert_frame_equal(store.neighbours(run_id, "cosine"), direct)
-    sets = store.neighbour_sets()
-    assert sorted(sets["metric"]) == ["cosine", "euclidean"] and set(sets["k"]) == {2}
-    # same_category through the store's catalogue
-    same = run_search(store, run_id, ["c4"], metrics=["euclidean"], k=2, same_category=True, tag="same", save=True)
-    assert same["neighbour_id"].tolist() == ["c2", "c1"]  # c3 is c4's copy, c5 is in category b
-    assert store.neighbours(run_id, "euclidean", tag="same")["neighbour_id"].tolist() == ["c2", "c1"]

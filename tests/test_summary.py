@@ -1,12 +1,17 @@
-"""cbir.summary on a hand-built store: two fake runs (one with result tables, one random-init run with only
-neighbours), summary tables, Table 15 picks and save_result. Expected values worked out by hand in comments."""
+"""cbir.summary (with cbir.runs, cbir.results and the cross-run figure) on a hand-built store: two fake runs
+(one with result tables, one random-init run with only neighbours), run labels, collected result tables,
+summary tables, Table 15 picks and save_result. Expected values worked out by hand in comments."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from cbir import gallery
+from cbir import results
+from cbir import runs
 from cbir import summary as sm
+from cbir.plots import retrieval as plots
 from cbir.store import FeatureStore
 
 LABELS = pd.DataFrame({
@@ -69,18 +74,18 @@ def store(tmp_path):
 
 
 def test_run_table_labels_random_init(store):
-    runs = sm.run_table(store).set_index("run_id")
-    assert runs.loc[1, "features"] == "m1 / l1 / gap"
-    assert runs.loc[2, "features"] == "m2 / l2 / gap (random init)"
-    assert runs["random_init"].tolist() == [False, True]
+    table = runs.run_table(store).set_index("run_id")
+    assert table.loc[1, "features"] == "m1 / l1 / gap"
+    assert table.loc[2, "features"] == "m2 / l2 / gap (random init)"
+    assert table["random_init"].tolist() == [False, True]
 
 
 def test_features_label_parts():
-    assert sm.features_label("vgg19", "block5_pool", "gap", weights="imagenet") == "vgg19 / block5_pool / gap"
-    assert sm.features_label("lbp", None, None, weights="handcrafted") == "lbp"
-    assert (sm.features_label("m", "l", "gem", weights="none (random init)", variant="roi", l2_normalize=True)
+    assert runs.features_label("vgg19", "block5_pool", "gap", weights="imagenet") == "vgg19 / block5_pool / gap"
+    assert runs.features_label("lbp", None, None, weights="handcrafted") == "lbp"
+    assert (runs.features_label("m", "l", "gem", weights="none (random init)", variant="roi", l2_normalize=True)
             == "m / l / gem +L2 [roi] (random init)")
-    assert sm.features_label("m", None, "gap", weights="/w/ft.weights.h5") == "m / gap [weights: ft.weights.h5]"
+    assert runs.features_label("m", None, "gap", weights="/w/ft.weights.h5") == "m / gap [weights: ft.weights.h5]"
 
 
 def test_summary_match_from_tables_and_neighbours(store, tmp_path):
@@ -105,9 +110,9 @@ def test_summary_match_from_tables_and_neighbours(store, tmp_path):
 
 
 def test_collected_tables_are_attributed_to_runs(store):
-    cv = sm.collect_cross_validation(store)
-    assert cv["run_id"].tolist() == [1, 1] and list(cv.columns[:len(sm.CV_COLUMNS)]) == sm.CV_COLUMNS
-    colour = sm.collect_color_texture(store).set_index(["run_id", "metric"])
+    cv = results.collect_cross_validation(store)
+    assert cv["run_id"].tolist() == [1, 1] and list(cv.columns[:len(results.CV_COLUMNS)]) == results.CV_COLUMNS
+    colour = results.collect_color_texture(store).set_index(["run_id", "metric"])
     # the m2 row stored in run 1's table belongs to run 2 (the only run of m2 / l2 / gap)
     assert sorted(colour.index) == [(1, "cosine"), (1, "euclidean"), (2, "cosine")]
     assert colour.loc[(2, "cosine"), "weights"] == "none (random init)"
@@ -158,29 +163,29 @@ def test_save_result_writes_csv_and_store(tmp_path):
     st = FeatureStore(tmp_path / "s.sqlite")
     run_id = st.start_run({"model": "m"})
     df = pd.DataFrame({"metric": ["cosine", "euclidean"], "category_match": [0.123456, 2 / 3]})
-    path = sm.save_result(st, "category_match", df, run_id=run_id, out_dir=tmp_path / "out")
+    path = results.save_result(st, "category_match", df, run_id=run_id, out_dir=tmp_path / "out")
     assert path == tmp_path / "out" / "tables" / "category_match.csv"
     assert pd.read_csv(path)["category_match"].tolist() == [0.1235, 0.6667]
     pd.testing.assert_frame_equal(st.table("category_match", run_id), df)  # unrounded in the store
     with pytest.raises(ValueError, match="plain file stem"):
-        sm.save_result(st, "../x", df, run_id=run_id, out_dir=tmp_path)
+        results.save_result(st, "../x", df, run_id=run_id, out_dir=tmp_path)
 
 
 def test_ids_with_features_and_neighbour_overview(tmp_path):
     st = FeatureStore(tmp_path / "s.sqlite")
     run_id = st.start_run({"model": "m"})
     st.put_features(run_id, ["q1", "n1", "n2", "n3"], np.eye(4, dtype=np.float32))  # q2, n4 failed
-    queries, searchable = sm.ids_with_features(st, run_id, LABELS)
+    queries, searchable = runs.ids_with_features(st, run_id, LABELS)
     assert queries.tolist() == ["q1"] and searchable.tolist() == ["n1", "n2", "n3"]
 
     nb = _neighbours({"q1": ["n1", "n3"]}).assign(metric="cosine")
-    view = sm.neighbour_overview(nb, LABELS, ["q1"])
+    view = gallery.neighbour_overview(nb, LABELS, ["q1"])
     assert view.loc[("q1", "a1", "cosine")].tolist() == ["+ a1 0.100", "- b1 0.200"]
 
 
 def test_heatmap_annotates_confidence_intervals(store, tmp_path):
     result = sm.summarise(store)
-    fig = sm.plot_match_ci_heatmap(result.match, path=tmp_path / "h.png")
+    fig = plots.plot_match_ci_heatmap(result.match, path=tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 0
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert "85.0\n[75.0, 95.0]" in texts and "100.0\n[100.0, 100.0]" in texts
@@ -205,7 +210,7 @@ def test_paired_tests_across_runs_compare_each_runs_best_measure_on_common_queri
     st.put_neighbours(1, "euclidean", _neighbours({"q1": ["n2", "n3"], "q2": ["n4", "n1"]}))
     st.put_neighbours(2, "cosine", _neighbours({"q1": ["n1", "n3"], "q2": ["n3", "n1"]}))
     st.put_neighbours(3, "cosine", _neighbours({"q1": ["n2", "n4"], "q2": ["n4", "n2"]}))
-    match = sm.collect_match(st, n_boot=200)
+    match = results.collect_match(st, n_boot=200)
     paired = sm.paired_tests_across_runs(st, match, score="subcategory_match")
     assert list(paired.columns) == sm.PAIRED_COLUMNS
     assert paired["best_features"].unique().tolist() == ["a / l / gap"]

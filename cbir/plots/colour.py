@@ -1,5 +1,6 @@
-"""Colour/texture figures: a pair of images with their RGB and LBP histograms, heatmaps of
-colour/texture similarity by model x measure, and a region-of-interest overlay grid.
+"""Colour/texture figures (notebooks 05, 06): a pair of images with their RGB and LBP histograms, heatmaps of
+colour/texture similarity by features x measure, a region-of-interest overlay grid and the changes with
+ROI cropping (:mod:`cbir.ablation`).
 
 Each function returns a ``matplotlib.figure.Figure`` (not attached to pyplot, so a notebook
 shows it once and nothing leaks between cells); save it with ``fig.savefig(path)``.
@@ -14,9 +15,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from cbir.ablation import ROI_MEASURES
 from cbir.descriptors import chi2_distance, color_histogram, compare_histograms, lbp_histogram
+from cbir.runs import feature_label
 
-__all__ = ["plot_pair_histograms", "plot_similarity_heatmap", "plot_roi_grid"]
+__all__ = ["plot_pair_histograms", "plot_similarity_heatmap", "plot_color_texture_heatmaps", "plot_roi_grid",
+           "plot_roi_differences"]
 
 _RGB = ("#d62728", "#2ca02c", "#1f77b4")
 
@@ -157,4 +161,60 @@ def plot_roi_grid(images: Sequence[Any], results: Sequence[Any] | None = None, *
         ax.set_title(label, fontsize=7, color="tab:red" if r.fallback else "black")
     n_fb = sum(bool(r.fallback) for r in results)
     fig.suptitle(f"region of interest: {n - n_fb}/{n} cropped, {n_fb} whole-image fallbacks", fontsize=9)
+    return fig
+
+
+def plot_color_texture_heatmaps(pairs: pd.DataFrame, *, rows: str = "features", cols: str = "metric",
+                                title: str | None = None) -> Figure:
+    """Mean colour correlation (top) and mean LBP chi-square (bottom) of the pairs by ``rows`` x ``cols``
+    (:func:`plot_similarity_heatmap` on two stacked axes; ``rows="features"`` is made
+    with :func:`cbir.runs.feature_label` when absent). Darker = more alike in both. Returns a matplotlib Figure."""
+    df = pairs.assign(features=feature_label(pairs)) if rows == "features" and "features" not in pairs else pairs
+    n_rows, n_cols = df[rows].nunique(), df[cols].nunique()
+    label = int(df[rows].astype(str).str.len().max())
+    fig = Figure(figsize=(1.05 * n_cols + 0.075 * label + 2.2, 2 * (0.42 * n_rows + 1.25)), layout="constrained")
+    axes = fig.subplots(2, 1)
+    for ax, value, name in zip(axes, ("color_corr", "lbp_chi2"), ("colour correlation", "LBP chi-square")):
+        plot_similarity_heatmap(df, value=value, rows=rows, cols=cols, ax=ax, title=f"mean {name}")
+        ax.tick_params(axis="y", rotation=0, labelsize=8)
+        ax.tick_params(axis="x", rotation=0, labelsize=8)
+        ax.set_ylabel("")
+    axes[0].set_xlabel("")
+    fig.suptitle(title or "query-neighbour pairs by features x distance measure (darker = more alike)", fontsize=10)
+    return fig
+
+
+_MEASURE_TITLES = {"category_match": "category match (share of top k)",
+                   "subcategory_match": "sub-category match (share of top k)",
+                   "color_corr": "colour correlation (1 = same colours)",
+                   "lbp_chi2": "LBP chi-square (0 = same texture)"}
+
+
+def plot_roi_differences(summary: pd.DataFrame, *, title: str | None = None, tile: float = 3.2) -> Figure:
+    """One panel per measure: the mean change ``cropped - original`` per metric with its 95% CI (from
+    :func:`cbir.ablation.paired_summary`); filled markers where the CI excludes 0. Returns a matplotlib Figure."""
+    measures = [m for m in ROI_MEASURES if m in set(summary["measure"])]
+    if not measures:
+        raise ValueError(f"summary has none of the measures {ROI_MEASURES}")
+    fig = Figure(figsize=(tile * len(measures), 0.35 * summary["metric"].nunique() + 1.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(measures), sharey=True))
+    metrics = list(pd.unique(summary["metric"]))
+    y = np.arange(len(metrics))
+    for ax, measure in zip(axes, measures):
+        rows = summary.loc[summary["measure"] == measure].set_index("metric").reindex(metrics)
+        d, lo, hi = (rows[c].to_numpy(dtype=float) for c in ("difference", "diff_lo", "diff_hi"))
+        sig = (lo > 0) | (hi < 0)
+        ax.axvline(0, color="0.5", lw=0.8)
+        ax.errorbar(d, y, xerr=np.vstack([d - lo, hi - d]), fmt="none", ecolor="0.3", capsize=3, lw=1)
+        ax.scatter(d[sig], y[sig], color="tab:blue", zorder=3, s=28, label="CI excludes 0")
+        ax.scatter(d[~sig], y[~sig], facecolor="white", edgecolor="tab:blue", zorder=3, s=28, label="CI includes 0")
+        ax.set_title(_MEASURE_TITLES.get(measure, measure), fontsize=9)
+        ax.set_xlabel("cropped - original", fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0].set_yticks(y, metrics)
+    axes[0].invert_yaxis()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.suptitle(title or "change with region-of-interest cropping (mean over queries, 95% paired bootstrap CI)",
+                 fontsize=10)
     return fig

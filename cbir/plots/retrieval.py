@@ -1,5 +1,6 @@
-"""Retrieval figures (notebooks 02-04): match heatmap by model x measure, precision-recall curves,
-match per neighbour rank, label confusion heatmap and a static grid of queries with their neighbours.
+"""Retrieval figures (notebooks 02-04, 08): match heatmaps by model x measure (with CIs across runs),
+precision-recall curves, match per neighbour rank, label confusion heatmap, cross-validation folds and a
+static grid of queries with their neighbours.
 
 Inputs are the tidy tables of :mod:`cbir.evaluate`. Each function returns a
 ``matplotlib.figure.Figure`` (not attached to pyplot, so a notebook shows it once); pass ``path`` to
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from cbir.plots import save_figure
 from cbir.search import METRICS
 
-__all__ = ["plot_match_heatmap", "plot_pr_curves", "plot_match_by_rank", "plot_confusion", "plot_neighbour_grid",
+__all__ = ["plot_match_heatmap", "plot_match_ci_heatmap", "plot_pr_curves", "plot_match_by_rank", "plot_confusion",
+           "plot_cv_folds", "plot_neighbour_grid",
            "neighbour_cards", "thumbnail", "image_paths", "tuple_labels", "MATCH_COLOUR", "MISMATCH_COLOUR",
            "QUERY_COLOUR"]
 
@@ -202,4 +203,70 @@ def plot_neighbour_grid(neighbours: pd.DataFrame, labels: pd.DataFrame, *, query
         title = " / ".join(str(neighbours[c].iloc[0]) for c in keys if pd.notna(neighbours[c].iloc[0]))
     if title:
         fig.suptitle(f"{title}  (green: same {level}, red: different)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("category_match", "subcategory_match"),
+                          row: str = "features", title: str | None = None,
+                          path: str | os.PathLike | None = None) -> Figure:
+    """Heatmaps (one per score in ``values``) of match in % with one row per ``row`` label (a run) and one
+    column per measure; each cell shows the value and its 95% CI ``[lo, hi]``. ``match``: a
+    :func:`cbir.results.collect_match` / ``category_match`` table (needs ``<value>_lo``, ``<value>_hi``)."""
+    import seaborn as sns
+
+    if match.empty:
+        fig = Figure(figsize=(6, 1.5), layout="constrained")
+        fig.text(0.5, 0.5, "no match results in the store", ha="center", va="center")
+        return save_figure(fig, path)
+    label = match[row].astype(str) if row in match.columns else match["model"].astype(str)
+    data = match.assign(_row=label.to_numpy())
+    rows = list(pd.unique(data["_row"]))
+    cols = _metric_sorted(data["metric"])
+    fig = Figure(figsize=(2.0 + 1.15 * len(cols) + 0.07 * max(len(r) for r in rows),
+                          len(values) * (1.3 + 0.55 * len(rows))), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(values), 1, sharex=True))
+    for ax, value in zip(axes, values):
+        grid = data.pivot_table(index="_row", columns="metric", values=value, aggfunc="first").reindex(
+            index=rows, columns=cols) * 100
+        lo = data.pivot_table(index="_row", columns="metric", values=f"{value}_lo", aggfunc="first").reindex(
+            index=rows, columns=cols) * 100
+        hi = data.pivot_table(index="_row", columns="metric", values=f"{value}_hi", aggfunc="first").reindex(
+            index=rows, columns=cols) * 100
+        text = np.vectorize(lambda v, a, b: "" if np.isnan(v) else f"{v:.1f}\n[{a:.1f}, {b:.1f}]")(
+            grid.to_numpy(float), lo.to_numpy(float), hi.to_numpy(float))
+        sns.heatmap(grid, annot=text, fmt="", cmap="viridis", vmin=0, vmax=100, ax=ax, annot_kws={"fontsize": 8},
+                    cbar_kws={"label": "match (%)"})
+        ax.set_title(f"{value.replace('_', ' ').replace('subcategory', 'sub-category')} (%), 95% CI")
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=0)
+        ax.tick_params(axis="y", rotation=0)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_cv_folds(per_fold: pd.DataFrame, *, values: Sequence[str] = ("category_match", "subcategory_match"),
+                  title: str | None = None, path: str | os.PathLike | None = None) -> Figure:
+    """Per-fold match (%) by measure: a box per measure with one dot per fold, one panel per score, from the
+    ``per_fold`` table of :func:`cbir.evaluate.cross_validate`."""
+    import seaborn as sns
+
+    if per_fold.empty:
+        raise ValueError("per_fold is empty: no cross-validation results to plot")
+    cols = _metric_sorted(per_fold["metric"])
+    fig = Figure(figsize=(len(values) * (1.2 + 0.85 * len(cols)), 4.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(values)))
+    for ax, value in zip(axes, values):
+        data = per_fold.assign(pct=per_fold[value] * 100)
+        sns.boxplot(data=data, x="metric", y="pct", order=cols, color="#dddddd", showfliers=False, ax=ax)
+        sns.swarmplot(data=data, x="metric", y="pct", order=cols, color="#1f77b4", size=4, ax=ax)
+        low = float(np.nanmin(data["pct"]))
+        ax.set_ylim(max(0.0, np.floor(low / 10) * 10 - 5), 101)
+        ax.set_xlabel("")
+        ax.set_ylabel(f"{value.replace('_', ' ').replace('subcategory', 'sub-category')} (%)")
+        ax.set_title(f"{value.replace('_', ' ').replace('subcategory', 'sub-category')} per fold")
+        ax.tick_params(axis="x", rotation=30)
+    n_folds = per_fold["fold"].nunique()
+    fig.suptitle(title or f"{n_folds}-fold cross-validation: one dot per fold", fontsize=10)
     return save_figure(fig, path)
