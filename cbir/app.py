@@ -153,9 +153,9 @@ def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike |
 def descriptor_settings() -> dict[str, Any]:
     """Settings a run's stored ``params`` may pass on, with their defaults: the keyword parameters of
     :func:`cbir.descriptors.build_descriptor_extractor` that have a value default and that
-    :func:`cbir.backbones.build_extractor` does not set itself (so never weights, layer, pooling, ...)."""
-    from cbir.backbones import build_extractor
+    :func:`cbir.extractors.build_extractor` does not set itself (so never weights, layer, pooling, ...)."""
     from cbir.descriptors import build_descriptor_extractor
+    from cbir.extractors import build_extractor
 
     own = set(inspect.signature(build_extractor).parameters)
     return {name: p.default for name, p in inspect.signature(build_descriptor_extractor).parameters.items()
@@ -170,12 +170,12 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 def _descriptor_params(identity: Mapping[str, Any], run: int | str | None) -> dict[str, Any]:
     """The stored ``params`` checked against :func:`descriptor_settings` (only descriptor runs have any)."""
-    from cbir.backbones import DESCRIPTORS
+    from cbir.extractors import descriptor_names
 
     params = identity.get("params") or {}
     if not isinstance(params, Mapping):
         raise _refuse(run, "identity", f": stored params must be a mapping, got {type(params).__name__}")
-    allowed = descriptor_settings() if identity.get("model") in DESCRIPTORS else {}
+    allowed = descriptor_settings() if identity.get("model") in descriptor_names() else {}
     for key in sorted(params):
         if key not in allowed:
             raise _refuse(run, "identity", f": stored params may not set {key!r} (a {identity.get('model')} "
@@ -188,7 +188,7 @@ def _descriptor_params(identity: Mapping[str, Any], run: int | str | None) -> di
 
 def extractor_kwargs(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
                      run: int | str | None = None) -> dict[str, Any]:
-    """Keyword arguments of :func:`cbir.backbones.build_extractor` for a run's stored identity.
+    """Keyword arguments of :func:`cbir.extractors.build_extractor` for a run's stored identity.
 
     The weights come only from :func:`resolve_weights` (name + SHA-1 checked); the stored ``params``
     may set only descriptor settings (:func:`descriptor_settings`). A tampered identity raises
@@ -221,7 +221,7 @@ def checked_extractor(identity: Mapping[str, Any], kwargs: Mapping[str, Any], *,
 
 @functools.lru_cache(maxsize=4)
 def _build_extractor(frozen: tuple[tuple[str, Any], ...]) -> Any:
-    from cbir.backbones import build_extractor
+    from cbir.extractors import build_extractor
 
     kwargs = dict(frozen)
     return build_extractor(kwargs.pop("name"), **kwargs)
@@ -289,6 +289,7 @@ class VisualSearchApp:
         self.problem: str | None = None
         self.store: FeatureStore | None = None
         self.run_id: int | None = None
+        self._labels = pd.DataFrame(columns=["image_id", "category", "subcategory", "path"])
         self._features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._indexes: dict[tuple[int, str, float], Any] = {}
         self.controls: dict[str, Any] = {}
@@ -306,7 +307,6 @@ class VisualSearchApp:
             except StoreError as exc:
                 self.problem = str(exc)
                 return
-        self._labels = self._load_labels()
         runs = self.runs()
         if runs.empty:
             self.problem = f"The feature store {self.store.path} has no finished run with features yet"
@@ -318,8 +318,12 @@ class VisualSearchApp:
             self.problem = str(exc)
 
     # -- data ---------------------------------------------------------------------------------
-    def _load_labels(self) -> pd.DataFrame:
-        labels = self.store.catalog()
+    def _load_labels(self, run_id: int) -> pd.DataFrame:
+        """The labels run ``run_id`` was extracted with (the store's catalogue for runs without any; the
+        catalogue named by ``catalog`` when the store has neither)."""
+        labels = self.store.run_labels(run_id)
+        if labels.empty:
+            labels = self.store.catalog()
         if labels.empty and self.catalog_spec is not None and (self.catalog_spec != "demo" or self.out_dir):
             from cbir.catalog import load_catalog
             from cbir.datasets import resolve_catalog
@@ -372,6 +376,7 @@ class VisualSearchApp:
         if int(run_id) not in set(self.runs()["run_id"].astype(int)):
             raise ValueError(f"run {run_id} is not a complete run with features in {self.store.path}")
         self.run_id = int(run_id)
+        self._labels = self._load_labels(self.run_id)
 
     def run_info(self, run_id: int | None = None) -> dict[str, Any]:
         """The stored run record (model, layer, pooling, weights, dim, params = identity, ...)."""

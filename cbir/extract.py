@@ -69,14 +69,14 @@ def loaded_library_versions() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=2)
 def _cached_extractor(name: str, layer: str | None, pooling: str | None, weights: str, l2_normalize: bool) -> Any:
-    from cbir.backbones import build_extractor
+    from cbir.extractors import build_extractor
 
     return build_extractor(name, layer=layer, pooling=pooling, weights=weights, l2_normalize=l2_normalize)
 
 
 def _resolve_extractor(model: Any, *, layer: str | None, pooling: str | None, weights: Any,
                        l2_normalize: bool) -> tuple[Any, bool]:
-    """``(extractor, normalise_here)``: a name is built by :func:`cbir.backbones.build_extractor`
+    """``(extractor, normalise_here)``: a name is built by :func:`cbir.extractors.build_extractor`
     (which L2-normalises itself); an instance is used as is and normalised here when asked."""
     if isinstance(model, str):
         weights = str(weights) if isinstance(weights, os.PathLike) else weights
@@ -467,6 +467,7 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
                     whiten_fit_sha1=hashlib.sha1("\n".join(fit).encode()).hexdigest(),
                     whiten_components=n_components, whiten_seed=seed)
     derived = store.start_run(identity, name=source.get("name"))
+    store.put_run_labels(derived, store.run_labels(run_id))  # the source's labels and split
     record = store.run(derived)
     if record.get("status") == "complete" and record.get("n_features") == len(ids):
         return derived

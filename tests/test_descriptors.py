@@ -325,6 +325,28 @@ def test_extractor_roi_option_and_errors():
         build_descriptor_extractor("lbp")(np.zeros((1, 8, 8, 3), np.float32))
 
 
+def test_a_registered_descriptor_is_an_extractor(monkeypatch, request):
+    """Adding a descriptor: one registry entry whose builder gives (dim, params, fn); the pipeline's
+    build_extractor then builds it like color_hist, lbp and hog."""
+    from cbir import extractors
+
+    def mean_rgb(size, *, space="rgb", **_):
+        convert = (lambda img: cv2.cvtColor(img, cv2.COLOR_RGB2HSV)) if space == "hsv" else (lambda img: img)
+        return 3, {"space": space}, lambda img: convert(img).reshape(-1, 3).mean(axis=0)
+
+    monkeypatch.delitem(extractors.EXTRACTORS, "mean_rgb", raising=False)
+    request.addfinalizer(lambda: extractors.EXTRACTORS.pop("mean_rgb", None))
+    extractors.register_extractor(extractors.Entry("mean_rgb", "descriptor", 32, builder=mean_rgb))
+    assert "mean_rgb" in extractors.descriptor_names() and "mean_rgb" not in extractors.backbone_names()
+    ext = extractors.build_extractor("mean_rgb", space="hsv")
+    assert (ext.input_size, ext.dim, ext.identity()["params"]) == (32, 3, {"space": "hsv"})
+    batch = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    want = [cv2.cvtColor(img, cv2.COLOR_RGB2HSV).reshape(-1, 3).mean(axis=0) for img in batch]
+    np.testing.assert_allclose(ext(batch), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="handcrafted descriptor: it has no layers or pooling"):
+        extractors.build_extractor("mean_rgb", pooling="gap")
+
+
 def test_backbone_registry_delegates_descriptors():
     backbones = pytest.importorskip("cbir.backbones")
     ext = backbones.build_extractor("lbp", points=8, radius=1)

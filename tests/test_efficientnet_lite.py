@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 in Keras with the pip-shipped ImageNet checkpoint read without torch."""
+"""EfficientNet-Lite0/1/2 in Keras with the pip-shipped ImageNet checkpoints read without torch."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,10 @@ from cbir import efficientnet_lite as el
 CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"}
 # Strides of the 16 source blocks (_blocks.0 .. _blocks.15), written out independently of el.STAGES.
 SOURCE_STRIDES = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+# Lite1 and Lite2: stage repeats 1, 3, 3, 4, 4, 5, 1 (the inner stages' 2, 2, 3, 3, 4 times ceil(1.1 or 1.2)).
+SOURCE_STRIDES_21 = [1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1]
+STRIDES = {"efficientnet_lite0": SOURCE_STRIDES, "efficientnet_lite1": SOURCE_STRIDES_21,
+           "efficientnet_lite2": SOURCE_STRIDES_21}
 
 
 def _images(size: int = 224) -> np.ndarray:
@@ -165,8 +169,8 @@ def test_chelsea_is_a_cat(logits_model, imagenet_labels):
 # Agreement with a PyTorch reference (runs only where torch is installed)
 # ------------------------------------------------------------------------------------------
 
-def _torch_reference_logits(sd, images_nchw):
-    """EfficientNet-Lite0 forward as in the source port (lukemelas-style EfficientNet-PyTorch with
+def _torch_reference_logits(sd, images_nchw, strides=SOURCE_STRIDES):
+    """EfficientNet-Lite forward (blocks of the given ``strides``) as in the source port (lukemelas-style EfficientNet-PyTorch with
     static TF-SAME padding, ReLU6, no squeeze-excite, BN eps 1e-3), from the state dict alone."""
     import torch
     import torch.nn.functional as F
@@ -187,7 +191,7 @@ def _torch_reference_logits(sd, images_nchw):
 
     with torch.no_grad():
         x = F.relu6(bn(conv(images_nchw, "_conv_stem.weight", 2), "_bn0"))
-        for i, stride in enumerate(SOURCE_STRIDES):
+        for i, stride in enumerate(strides):
             b, inputs = f"_blocks.{i}.", x
             if f"{b}_expand_conv.weight" in sd:
                 x = F.relu6(bn(conv(x, f"{b}_expand_conv.weight"), f"{b}_bn0"))
@@ -208,7 +212,7 @@ def test_logits_agree_with_pytorch_reference(checkpoint, logits_model):
     ours = logits_model.predict_on_batch(x)
     diff = np.abs(ours - ref).max()
     print(f"max |keras - torch| logit difference: {diff:.2e} (logit range {np.abs(ref).max():.1f})")
-    assert diff < 1e-3 * np.abs(ref).max()
+    assert diff < 5e-5  # measured 8e-6 on a range of 10.7
     np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
 
 
@@ -235,3 +239,112 @@ def test_building_writes_nothing_to_disk(tmp_path, monkeypatch, state_dict):
     assert model.output.shape[1:] == (7, 7, 1280)
     np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
                                   state_dict["_conv_stem.weight"].transpose(2, 3, 1, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# EfficientNet-Lite1 (240 px) and Lite2 (260 px)
+# ------------------------------------------------------------------------------------------
+
+LITE12 = ["efficientnet_lite1", "efficientnet_lite2"]
+
+
+def test_round_filters_and_stage_tables():
+    # round_filters: max(8, int(c*w + 4) // 8 * 8), plus 8 when that lost more than 10 %
+    assert [el.round_filters(c, 1.1) for c in (16, 24, 40, 80, 112, 192, 320)] == [16, 24, 48, 88, 120, 208, 352]
+    assert el.round_filters(32, 1.2) == 40 and el.round_filters(40, 1.0) == 40
+    assert el.stages("efficientnet_lite0") == el.STAGES
+    lite1, lite2 = el.stages("efficientnet_lite1"), el.stages("efficientnet_lite2")
+    assert [s[-1] for s in lite1] == [s[-1] for s in lite2] == [1, 3, 3, 4, 4, 5, 1]  # first/last fixed
+    assert [s[4] for s in lite1] == [16, 24, 40, 80, 112, 192, 320]
+    assert [s[3] for s in lite2] == [32, 16, 24, 48, 88, 120, 208]  # each stage's input: the previous output
+    assert len(el.block_names("efficientnet_lite2")) == 21 and el.block_names("efficientnet_lite2")[-2] == "block6e_"
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'efficientnet_lite9'"):
+        el.stages("efficientnet_lite9")
+
+
+@pytest.fixture(scope="module")
+def lite_state_dicts():
+    return {name: el.load_torch_state_dict(el.imagenet_checkpoint(name)) for name in LITE12}
+
+
+@pytest.fixture(scope="module")
+def lite_logits_models():
+    import keras
+
+    models = {}
+    for name in LITE12:
+        model, source = el.load_efficientnet_lite(name, "imagenet")
+        models[name] = (keras.Model(model.input, model.get_layer("logits").output), source)
+    return models
+
+
+@pytest.mark.parametrize("name, size, trainable, grid", [("efficientnet_lite1", 240, 5_416_680, 8),
+                                                         ("efficientnet_lite2", 260, 6_092_072, 9)])
+def test_lite12_has_exactly_the_checkpoint_parameters(name, size, trainable, grid, lite_state_dicts):
+    sd = lite_state_dicts[name]
+    assert el.imagenet_checkpoint(name).name.startswith(name.replace("_", "-"))
+    assert len(sd) == 386 and sum(k.endswith("_depthwise_conv.weight") for k in sd) == 21
+    assert not any("_se_" in k for k in sd)
+    model = el.build_efficientnet_lite(name)
+    assert model.input.shape[1:] == (size, size, 3) and el.VARIANTS[name].resolution == size
+    assert model.count_params() == sum(v.size for k, v in sd.items() if not k.endswith("num_batches_tracked"))
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable  # published 5.4M / 6.1M
+    assert model.get_layer("top_activation").output.shape[1:] == (grid, grid, 1280)  # ceil(S / 32)
+    assert model.get_layer("top_dropout").rate == el.VARIANTS[name].dropout
+
+
+def test_lite_checkpoints_do_not_load_into_another_variant(lite_state_dicts, state_dict):
+    with pytest.raises(el.CheckpointError, match="lite0.pth.*efficientnet_lite1"):
+        el.load_state_dict_into(el.build_efficientnet_lite("efficientnet_lite1"), state_dict, source="lite0.pth")
+    with pytest.raises(el.CheckpointError, match="lite2.pth"):
+        el.load_state_dict_into(el.build_efficientnet_lite("efficientnet_lite1"), lite_state_dicts["efficientnet_lite2"],
+                                source="lite2.pth")
+    with pytest.raises(el.CheckpointError, match="lite1.pth: a checkpoint of 21 blocks, not efficientnet_lite0"):
+        el.load_state_dict_into(el.build_efficientnet_lite0(), lite_state_dicts["efficientnet_lite1"],
+                                source="lite1.pth")
+
+
+@pytest.mark.parametrize("name", LITE12)
+def test_lite12_chelsea_is_a_cat(name, lite_logits_models, imagenet_labels):
+    model, _ = lite_logits_models[name]
+    size = el.VARIANTS[name].resolution
+    logits = model.predict_on_batch(el.preprocess_input(_images(size)[:1]))[0].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    top5 = np.argsort(-probs)[:5]
+    names = [imagenet_labels[i + 1] for i in top5]
+    print(f"{name} chelsea top-5:", [(n, round(float(probs[i]), 3)) for n, i in zip(names, top5)])
+    assert names[0] in CAT_CLASSES and probs[top5[0]] > 0.5  # measured: Egyptian cat 0.795 (lite1), 0.750 (lite2)
+
+
+@pytest.mark.parametrize("name", LITE12)
+def test_lite12_logits_agree_with_pytorch_reference(name, lite_logits_models):
+    torch = pytest.importorskip("torch")
+    model, source = lite_logits_models[name]
+    sd = torch.load(source, map_location="cpu", weights_only=True)
+    x = el.preprocess_input(_images(el.VARIANTS[name].resolution))
+    ref = _torch_reference_logits(sd, torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                                  STRIDES[name]).numpy()
+    ours = model.predict_on_batch(x)
+    diff = np.abs(ours - ref).max()
+    print(f"{name}: max |keras - torch| logit difference {diff:.2e} (logit range {np.abs(ref).max():.1f})")
+    assert diff < 5e-5  # measured 1.2e-5 (lite1) and 1.1e-5 (lite2) on a range of 9.4
+    np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
+
+
+def test_keras_application_constructor(tmp_path, lite_logits_models):
+    """``efficientnet_lite1(include_top=, weights=, input_shape=)`` as keras.applications: random init, the
+    pip ImageNet weights, or a saved ``.weights.h5``; without top it ends at top_activation."""
+    notop = el.efficientnet_lite1(include_top=False, weights="imagenet", input_shape=(240, 240, 3))
+    assert notop.output.shape[1:] == (8, 8, 1280) and "logits" not in [layer.name for layer in notop.layers]
+    full = el.efficientnet_lite1(weights="imagenet")
+    path = tmp_path / "lite1.weights.h5"
+    full.save_weights(path)
+    again = el.efficientnet_lite1(weights=path)
+    x = el.preprocess_input(_images(240)[:2])
+    np.testing.assert_array_equal(again.predict_on_batch(x), full.predict_on_batch(x))
+    random = el.efficientnet_lite1(weights=None)
+    assert not np.array_equal(random.get_layer("stem_conv").get_weights()[0],
+                              full.get_layer("stem_conv").get_weights()[0])
+    with pytest.raises(el.CheckpointError, match="lite1.weights.h5: not efficientnet_lite2 Keras weights"):
+        el.efficientnet_lite2(weights=path)
