@@ -33,7 +33,7 @@ def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
     """Search a stored run with each measure and save each neighbour set in the store.
 
     Reads vectors with ``store.features(run_id, ids)`` (``catalog_ids`` default: every vector of the run),
-    categories and duplicate groups from ``store.catalog()``, runs :func:`cbir.search.search` per measure and
+    categories and duplicate groups from the run's own labels (``store.run_labels``), runs :func:`cbir.search.search` per measure and
     ``store.put_neighbours(run_id, metric, df, tag=tag, params=...)``. Returns all neighbour sets:
     ``run_id, metric`` + the :func:`cbir.search.search` columns.
     """
@@ -43,7 +43,7 @@ def run_search(store: Any, run_id: int, query_ids: Sequence[str] | np.ndarray,
     else:
         catalog_ids, Xc = store.features(run_id, np.asarray(catalog_ids).astype(str))
     _, Xq = store.features(run_id, query_ids)
-    labels = store.catalog()
+    labels = store.run_labels(run_id)
     labels = labels.set_index(labels["image_id"].astype(str))
     categories = labels["category"] if same_category else None
     dups = labels["dup_group"] if (exclude_duplicates and "dup_group" in labels.columns) else None
@@ -131,15 +131,17 @@ def neighbours_from_store(store: Any, run_ids: Sequence[int] | None = None, metr
 
 
 def stored_neighbours(store: Any, *, variant: str | None = "original", k: int | None = None,
-                      tag: str = "") -> pd.DataFrame:
+                      tag: str = "", run_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """Every stored neighbour set (``tag``) of runs of image ``variant`` (None: every variant), ranks up to
     ``k`` (None: all), as :func:`neighbours_from_store` rows with the run's
     :data:`cbir.runs.RUN_COLUMNS` first (``features``: the run's unique label, e.g.
     ``"vgg19 / block5_pool / gap (random init)"``); runs in store order, measures in
-    :data:`cbir.search.METRICS` order."""
+    :data:`cbir.search.METRICS` order. ``run_ids``: only these runs."""
     runs = run_table(store)
     image_variant = runs["variant"].astype(str).str.split("+").str[0]  # "original+pcaw" shows original images
     keep = runs if variant is None else runs.loc[image_variant == variant]
+    if run_ids is not None:
+        keep = keep.loc[keep["run_id"].isin([int(r) for r in run_ids])]
     nb = neighbours_from_store(store, keep["run_id"].tolist(), tag=tag)
     if k is not None:
         nb = nb.loc[nb["rank"] <= int(k)]

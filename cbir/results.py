@@ -18,7 +18,7 @@ import pandas as pd
 from cbir.color_texture import COLOR_TEXTURE_COLUMNS
 from cbir.evaluate import MATCH_COLUMNS, match_table
 from cbir.neighbours import neighbours_from_store
-from cbir.runs import RUN_COLUMNS, _present, order_by_run_and_metric, run_table, with_run_columns
+from cbir.runs import RUN_COLUMNS, order_by_run_and_metric, run_table, with_run_columns
 from cbir.store import FeatureStore, open_store
 
 __all__ = [
@@ -49,42 +49,38 @@ def save_result(store: FeatureStore | str | os.PathLike, name: str, df: pd.DataF
     return save_table(df, out_dir, name, decimals=decimals)
 
 
-def _key_tuple(values: Sequence[Any]) -> tuple:
-    return tuple(None if not _present(v) else str(v) for v in values)
-
-
 def collect_tables(store: FeatureStore | str | os.PathLike, name: str,
-                   columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Every stored result table ``name`` (one per run, plus one without run) in one frame, each row
-    attributed to a run and given the run's :data:`RUN_COLUMNS`.
+                   columns: Sequence[str] | None = None, *, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every stored result table ``name`` in one frame, each row given its run's :data:`RUN_COLUMNS`.
 
-    A row belongs to: its ``run_id`` column when the table has one; else the table's run when the row's
-    (model, layer, pooling) are the run's (or the table has no such columns); else the one original-image run
-    with those (model, layer, pooling) (rows matching none or several runs are dropped). When several tables
-    give a row for the same run and keys, the run's own table wins. ``columns``: the result's first columns
-    (missing ones added empty; the tables' other columns follow), default :data:`RUN_COLUMNS`.
+    A row belongs to the run in its own ``run_id`` column when the table has one, else to the run the table
+    was saved under; rows of neither (a table saved without a run and without a ``run_id`` column) and rows
+    of runs no longer in the store are left out: nothing is guessed from model names. ``columns``: the
+    result's first columns (missing ones added empty; the tables' other columns follow), default
+    :data:`RUN_COLUMNS`. ``runs``: :func:`cbir.runs.run_table` of the store when the caller has it.
     """
     store = open_store(store)
-    runs = run_table(store)
+    runs = run_table(store) if runs is None else runs
     stored = store.tables()
     stored = stored.loc[stored["name"] == name]
     empty = pd.DataFrame({c: pd.Series(dtype=object) for c in (columns or RUN_COLUMNS)})
     if stored.empty or runs.empty:
         return empty
     info = runs.set_index("run_id")
-    originals = runs.loc[runs["variant"] == "original"]
     frames = []
     for owner in stored["run_id"]:
         owner = None if pd.isna(owner) else int(owner)
         table = store.table(name, owner).reset_index(drop=True)
-        if table.empty:
-            continue
-        target = _owners(table, owner, info, originals)
+        if "run_id" in table.columns:
+            target = pd.to_numeric(table["run_id"], errors="coerce")
+        else:
+            target = pd.Series(np.nan if owner is None else owner, index=table.index, dtype=float)
         keep = target.notna().to_numpy() & target.isin(info.index).to_numpy()
         table = table.loc[keep].drop(columns=[c for c in RUN_COLUMNS if c in table.columns])
         table.insert(0, "run_id", target[keep].astype("int64").to_numpy())
         table["_own"] = table["run_id"] == (owner if owner is not None else -1)
         frames.append(table)
+    frames = [f for f in frames if not f.empty]
     if not frames:
         return empty
     out = pd.concat(frames, ignore_index=True)
@@ -96,24 +92,6 @@ def collect_tables(store: FeatureStore | str | os.PathLike, name: str,
     if columns is not None:
         out = out.reindex(columns=[*columns, *(c for c in out.columns if c not in columns)])
     return order_by_run_and_metric(out).reset_index(drop=True)
-
-
-def _owners(table: pd.DataFrame, owner: int | None, info: pd.DataFrame, originals: pd.DataFrame) -> pd.Series:
-    """The run id each row of a stored table belongs to (NaN: none or ambiguous); see :func:`collect_tables`."""
-    if "run_id" in table.columns:
-        rid = pd.to_numeric(table["run_id"], errors="coerce")
-        return rid.where(rid.notna(), np.nan if owner is None else owner)
-    key_cols = [c for c in ("model", "layer", "pooling") if c in table.columns]
-    if not key_cols:
-        return pd.Series(np.nan if owner is None else owner, index=table.index, dtype=float)
-    row_keys = [_key_tuple(r) for r in table[key_cols].itertuples(index=False)]
-    candidates: dict[tuple, list[int]] = {}
-    for r in originals.itertuples(index=False):
-        candidates.setdefault(_key_tuple([getattr(r, c) for c in key_cols]), []).append(int(r.run_id))
-    own = _key_tuple(info.loc[owner, key_cols].tolist()) if owner is not None else None
-    target = [owner if key == own else (candidates[key][0] if len(candidates.get(key, [])) == 1 else np.nan)
-              for key in row_keys]
-    return pd.Series(target, index=table.index, dtype=float)
 
 
 def collect_match(store: FeatureStore | str | os.PathLike, *, k: int | None = None, n_boot: int = 2000,
@@ -135,14 +113,11 @@ def collect_match(store: FeatureStore | str | os.PathLike, *, k: int | None = No
     sets = store.neighbour_sets()
     sets = sets.loc[sets["tag"] == ""]
     frames = [tables] if not tables.empty else []
-    labels = None
     for run_id in runs["run_id"]:
         if int(run_id) in have or int(run_id) not in set(sets["run_id"]):
             continue
-        if labels is None:
-            labels = store.catalog()
         nb = neighbours_from_store(store, [int(run_id)])
-        table = match_table(nb, labels, k=k, n_boot=n_boot, seed=seed)
+        table = match_table(nb, store.run_labels(int(run_id)), k=k, n_boot=n_boot, seed=seed)
         frames.append(with_run_columns(table, store, int(run_id)).assign(source="recomputed from neighbours"))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})

@@ -44,6 +44,11 @@ class Session:
     source_run_id: int
     params: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def figures(self) -> Path:
+        """``<out_dir>/figures``, where figures go (``path=s.figures / "name.png"`` for the plot functions)."""
+        return self.out_dir / "figures"
+
     @cached_property
     def run(self) -> dict[str, Any]:
         """The run's record (:meth:`cbir.store.FeatureStore.run`)."""
@@ -99,7 +104,7 @@ class Session:
         """Save ``fig`` as ``<out_dir>/figures/<name>.png`` and return it (so a cell can end with it)."""
         from cbir.plots import save_figure
 
-        return save_figure(fig, self.out_dir / "figures" / f"{name}.png", dpi=dpi)
+        return save_figure(fig, self.figures / f"{name}.png", dpi=dpi)
 
 
 def _weights_match(run: dict[str, Any], weights: Any) -> bool:

@@ -156,7 +156,8 @@ def paired_tests_across_runs(store: FeatureStore | str | os.PathLike, match: pd.
     chosen = per_run[["run_id", "metric", "features"]]
     neighbours = neighbours.merge(chosen, on=["run_id", "metric"])
     neighbours["model"] = neighbours["features"]  # one key per run, so variants of one model stay apart
-    scores = per_query(neighbours.drop(columns="features"), store.catalog(), k=k)
+    scores = pd.concat([per_query(nb.drop(columns="features"), store.run_labels(int(run_id)), k=k)
+                        for run_id, nb in neighbours.groupby("run_id", sort=False)], ignore_index=True)
     by_tuple = {name: g.set_index("query_id")[score] for name, g in scores.groupby("model", sort=False)}
     best = per_run.iloc[0]
     rows = []

@@ -36,10 +36,12 @@ def test_run_search_reads_and_writes_the_store(tmp_path, line):
     X = X.copy()
     X[4] = X[3]
     store = FeatureStore(tmp_path / "f.sqlite")
-    store.put_catalog(pd.DataFrame({"image_id": ids, "path": [f"/x/{i}.jpg" for i in ids],
-                                    "category": cats.to_numpy(), "subcategory": cats.to_numpy(),
-                                    "dup_group": [None, None, None, "c3", "c3", None, None, None, None, None]}))
+    catalogue = pd.DataFrame({"image_id": ids, "path": [f"/x/{i}.jpg" for i in ids],
+                              "category": cats.to_numpy(), "subcategory": cats.to_numpy(),
+                              "dup_group": [None, None, None, "c3", "c3", None, None, None, None, None]})
+    store.put_catalog(catalogue)
     run_id = store.start_run({"model": "toy", "layer": None, "pooling": "gap"})
+    store.put_run_labels(run_id, catalogue)  # the run's own labels: categories and duplicate groups
     store.put_features(run_id, ids, X)
     out = run_search(store, run_id, ["c3", "c8"], catalog_ids=ids, metrics=["euclidean", "cosine"], k=2)
     assert list(out.columns) == ["run_id", "metric", "query_id", "rank", "neighbour_id", "distance", "similarity"]

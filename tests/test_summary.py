@@ -43,7 +43,8 @@ def _colour_row(model, layer, metric, corr, chi2):
 @pytest.fixture()
 def store(tmp_path):
     """Run 1 (m1, imagenet): category_match, cross_validation (with a run_id column) and color_texture tables;
-    its colour table also holds a row of m2 (notebook 05 analyses every stored set), which belongs to run 2.
+    its colour table also holds a row of run 2 (its ``run_id`` column says so); a colour table saved without a
+    run and without ``run_id`` has no owner and is dropped (nothing is guessed from model names).
     Run 2 (m2, random init): neighbours only, k = 2:
 
         cosine:    q1 -> n1 (A a1), n2 (A a2)   category 1,   sub-category 1/2
@@ -57,6 +58,8 @@ def store(tmp_path):
     r2 = st.start_run({"model": "m2", "layer": "l2", "pooling": "gap", "weights": "none (random init)",
                        "variant": "original"})
     assert (r1, r2) == (1, 2)
+    for run_id in (r1, r2):
+        st.put_run_labels(run_id, LABELS)
     st.put_table("category_match", pd.DataFrame([_match_row("euclidean", 0.85, 0.75, 0.95, 0.55, 0.45, 0.65),
                                                   _match_row("cosine", 0.80, 0.70, 0.90, 0.60, 0.50, 0.70)]),
                  run_id=r1)
@@ -67,7 +70,9 @@ def store(tmp_path):
         "subcategory_match_std": [0.06, 0.06], "subcategory_match_cv": [0.12, 0.10]}), run_id=r1)
     st.put_table("color_texture", pd.DataFrame([_colour_row("m1", "l1", "euclidean", 0.75, 0.05),
                                                 _colour_row("m1", "l1", "cosine", 0.70, 0.03),
-                                                _colour_row("m2", "l2", "cosine", 0.90, 0.01)]), run_id=r1)
+                                                _colour_row("m2", "l2", "cosine", 0.90, 0.01)]).assign(
+        run_id=[r1, r1, r2]), run_id=r1)
+    st.put_table("color_texture", pd.DataFrame([_colour_row("m2", "l2", "euclidean", 0.99, 0.0)]))
     st.put_neighbours(r2, "cosine", _neighbours({"q1": ["n1", "n2"], "q2": ["n3", "n4"]}))
     st.put_neighbours(r2, "euclidean", _neighbours({"q1": ["n2", "n3"], "q2": ["n3", "n1"]}))
     return st
@@ -113,7 +118,7 @@ def test_collected_tables_are_attributed_to_runs(store):
     cv = results.collect_cross_validation(store)
     assert cv["run_id"].tolist() == [1, 1] and list(cv.columns[:len(results.CV_COLUMNS)]) == results.CV_COLUMNS
     colour = results.collect_color_texture(store).set_index(["run_id", "metric"])
-    # the m2 row stored in run 1's table belongs to run 2 (the only run of m2 / l2 / gap)
+    # the row stored in run 1's table with run_id 2 belongs to run 2; the ownerless table is dropped
     assert sorted(colour.index) == [(1, "cosine"), (1, "euclidean"), (2, "cosine")]
     assert colour.loc[(2, "cosine"), "weights"] == "none (random init)"
     assert colour.loc[(2, "cosine"), "color_corr_mean"] == 0.90
@@ -205,7 +210,9 @@ def test_paired_tests_across_runs_compare_each_runs_best_measure_on_common_queri
     st = FeatureStore(tmp_path / "s.sqlite")
     st.put_catalog(LABELS)
     for model in ("a", "b", "c"):
-        st.start_run({"model": model, "layer": "l", "pooling": "gap", "weights": "imagenet", "variant": "original"})
+        run_id = st.start_run({"model": model, "layer": "l", "pooling": "gap", "weights": "imagenet",
+                               "variant": "original"})
+        st.put_run_labels(run_id, LABELS)
     st.put_neighbours(1, "cosine", _neighbours({"q1": ["n1", "n2"], "q2": ["n3", "n4"]}))
     st.put_neighbours(1, "euclidean", _neighbours({"q1": ["n2", "n3"], "q2": ["n4", "n1"]}))
     st.put_neighbours(2, "cosine", _neighbours({"q1": ["n1", "n3"], "q2": ["n3", "n1"]}))
