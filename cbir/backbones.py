@@ -379,7 +379,7 @@ def build_cnn_extractor(name: str, *, layer: str | None = None, pooling: str | N
 
     out = _find_layer(base, layer).output
     if pooling is not None:
-        from cbir.pooling import GlobalPool
+        from cbir.layers import GlobalPool
 
         if len(out.shape) != 4:
             raise ValueError(f"{name}: layer {layer!r} has output shape {tuple(out.shape)}; pooling needs a "
@@ -388,7 +388,7 @@ def build_cnn_extractor(name: str, *, layer: str | None = None, pooling: str | N
     elif len(out.shape) != 2:
         raise ValueError(f"{name}: layer {layer!r} is not a vector layer; pass pooling= to pool it")
     if l2_normalize:
-        from cbir.pooling import L2Normalize
+        from cbir.layers import L2Normalize
 
         out = L2Normalize(name="l2_normalize")(out)
     model = keras.Model(base.input, out, name=f"{name}_{layer}" + (f"_{pooling}" if pooling else ""))

@@ -26,8 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Pooling", "PoolSettings", "POOLINGS", "register_pooling", "get_pooling", "rmac_regions",
-           "GlobalPool", "L2Normalize"]
+__all__ = ["Pooling", "PoolSettings", "POOLINGS", "register_pooling", "get_pooling", "rmac_regions", "l2_rows"]
 
 #: Desired overlap of neighbouring R-MAC regions and the candidate region counts along the long side
 #: (the values of Tolias et al.'s reference ``rmac_regions.m``).
@@ -153,11 +152,3 @@ for _p in (
     register_pooling(_p)
 del _p
 
-
-def __getattr__(name: str) -> Any:
-    """``GlobalPool`` and ``L2Normalize`` load Keras: they live in :mod:`cbir.layers`."""
-    if name in ("GlobalPool", "L2Normalize"):
-        from cbir import layers
-
-        return getattr(layers, name)
-    raise AttributeError(f"module 'cbir.pooling' has no attribute {name!r}")

@@ -18,7 +18,7 @@ CAT_CLASSES = {"tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Sia
 
 
 def _pool(mode: str, x: np.ndarray, **kw) -> np.ndarray:
-    from cbir.pooling import GlobalPool
+    from cbir.layers import GlobalPool
 
     return np.asarray(GlobalPool(mode, **kw)(x))
 
@@ -99,7 +99,7 @@ def test_rmac_value(fmap):
 
 
 def test_l2_normalize_layer():
-    from cbir.pooling import L2Normalize
+    from cbir.layers import L2Normalize
 
     x = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [-1.0, 1.0, 1.0]], np.float32)
     out = np.asarray(L2Normalize()(x))
@@ -109,7 +109,7 @@ def test_l2_normalize_layer():
 
 
 def test_pooling_rejects_unknown_mode_and_bad_p():
-    from cbir.pooling import GlobalPool
+    from cbir.layers import GlobalPool
 
     with pytest.raises(ValueError, match="unknown pooling 'avg'"):
         GlobalPool("avg")
