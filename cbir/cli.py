@@ -9,6 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from cbir.extractors import extractor_names
+from cbir.pooling import POOLINGS
+
 
 def _cmd_catalog_check(args: argparse.Namespace) -> int:
     from cbir.catalog import check_catalog_report
@@ -75,6 +78,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _pooling(value: str) -> str | None:
+    """``--pooling``: a registered pooling, or ``none`` (any case) for the named layer as it is."""
+    if value.lower() == "none":
+        return None
+    if value not in POOLINGS:
+        raise argparse.ArgumentTypeError(f"unknown pooling {value!r}; choose from {', '.join(POOLINGS)} or none")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     extract = sub.add_parser("extract", help="extract features into a SQLite feature store")
     extract.add_argument("--catalog", required=True, type=Path)
-    extract.add_argument("--model", required=True, help="backbone or descriptor name (see docs)")
+    extract.add_argument("--model", required=True, choices=extractor_names(), metavar="MODEL",
+                         help=f"a backbone or descriptor: {', '.join(extractor_names())}")
     extract.add_argument("--layer", default=None)
-    extract.add_argument("--pooling", default=None, choices=[None, "gap", "mac", "gem", "rmac"])
+    extract.add_argument("--pooling", default=None, type=_pooling, metavar="POOLING",
+                         help=f"pool the last convolutional block: {', '.join(POOLINGS)}, or none (the layer as is)")
     extract.add_argument("--weights", default="imagenet", help="imagenet | PATH to weights | none")
     extract.add_argument("--store", required=True, type=Path)
     extract.add_argument("--batch-size", type=int, default=32)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from cbir.cli import main
@@ -114,3 +115,23 @@ def test_a_store_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys):
     manifest = _manifest(tmp_path / "shop", [(1, 2, 3)])
     assert main(["extract", "--catalog", str(manifest), "--model", "color_hist", "--store", str(store)]) == 1
     assert _error(capsys) == f"error: {store}: cannot create the store's folder {tmp_path / 'blocker'} (File exists)"
+
+
+def test_model_and_pooling_choices_come_from_the_registries(capsys):
+    from cbir.cli import build_parser
+    from cbir.extractors import extractor_names
+
+    parser = build_parser()
+    args = parser.parse_args(["extract", "--catalog", "c", "--store", "s", "--model", "mobilenet_v2",
+                              "--pooling", "None"])
+    assert args.pooling is None  # `none` in any case means no pooling, as the help says
+    assert parser.parse_args(["extract", "--catalog", "c", "--store", "s", "--model", "lbp",
+                              "--pooling", "gem"]).pooling == "gem"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["extract", "--catalog", "c", "--store", "s", "--model", "mobilenet_v2",
+                           "--pooling", "avg"])
+    assert "unknown pooling 'avg'; choose from gap, mac, gem, rmac or none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["extract", "--catalog", "c", "--store", "s", "--model", "mobilenet"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'mobilenet'" in err and "efficientnet_lite2" in extractor_names()
