@@ -43,8 +43,9 @@ notebooks: venv
 		../$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 "$$nb" || exit 1; \
 	done
 
+## JupyterLab at the workspace root: notebooks/ and outputs/ (reports, tables, figures) both in reach
 lab: venv
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)"
 
 ## The visual search app under Voila (http://localhost:8866)
 app: venv

@@ -3,7 +3,10 @@ overrides some of them, ``cbir run -p NAME VALUE`` overrides again.
 
 Keys are the notebook parameter names (docs/CONVENTIONS.md) plus ``name`` (the run name, outputs go to
 ``outputs/<name>/``) and ``notebooks`` (which numbered notebooks a run executes). Unknown keys and
-values of the wrong type are errors naming the key and the file. Paths in YAML files are relative
+values of the wrong type are errors naming the key and the file; so are an unknown model, measure or
+pooling (the allowed values come from the registries: :data:`cbir.backbones.BACKBONES` and
+``DESCRIPTORS``, :data:`cbir.measures.MEASURES`, :data:`cbir.pooling.POOLINGS`, none of which imports
+Keras), so ``cbir run`` fails in about a second instead of inside a notebook. Paths in YAML files are relative
 to the repository root, paths in overrides relative to the current directory; both come back
 absolute.
 """
@@ -26,7 +29,9 @@ NULLABLE = {"name": str, "out_dir": str, "store": str, "layer": str, "pooling": 
 FLOAT_OK = {"minkowski_p", "lbp_radius"}
 #: keys that are not notebook parameters (not injected by papermill)
 RUNNER_KEYS = ("name", "notebooks")
-POOLINGS = ("gap", "mac", "gem", "rmac")
+#: accepted spellings of "no pooling" besides YAML's null (``-p pooling none``)
+NO_POOLING = ("none", "None", "null")
+SUBCATEGORY_FROM = ("articleType", "subCategory")
 POSITIVE = ("batch_size", "k", "n_queries", "cv_folds", "cv_fold_size", "color_bins", "lbp_points",
             "gallery_queries", "lbp_radius")
 NON_NEGATIVE = ("seed", "roi_margin")
@@ -172,15 +177,21 @@ def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_whe
     if not _NAME_RE.match(name):
         raise ParamsError(f"{where('name')}: run name {name!r} must be letters, digits, '_', '-', '.' "
                           "(it names a folder)")
-    if params.get("pooling") is not None and params["pooling"] not in POOLINGS:
+    poolings = valid_poolings()
+    if params.get("pooling") is not None and params["pooling"] not in poolings:
         raise ParamsError(f"{where('pooling')}: pooling {params['pooling']!r} must be one of "
-                          f"{', '.join(POOLINGS)} or null")
+                          f"{', '.join(poolings)} or null{_did_you_mean(params['pooling'], poolings)}")
+    _check_model(params, where)
     metrics = params.get("metrics", [])
     valid_metrics = _valid_metrics()
     unknown = [m for m in metrics if m not in valid_metrics]
     if not metrics or unknown or len(set(metrics)) != len(metrics):
+        hint = _did_you_mean(unknown[0], valid_metrics) if unknown else ""
         raise ParamsError(f"{where('metrics')}: metrics must be distinct names from {', '.join(valid_metrics)}; "
-                          f"got {metrics!r}")
+                          f"got {metrics!r}{hint}")
+    if params.get("subcategory_from") not in SUBCATEGORY_FROM:
+        raise ParamsError(f"{where('subcategory_from')}: subcategory_from {params.get('subcategory_from')!r} "
+                          f"must be one of {', '.join(SUBCATEGORY_FROM)}")
     for key in POSITIVE:
         value = params.get(key)
         if value is not None and value <= 0:
@@ -199,9 +210,61 @@ def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_whe
 
 
 def _valid_metrics() -> tuple[str, ...]:
-    from cbir.search import METRICS
+    """The measure names of :data:`cbir.measures.MEASURES` (imports numpy only)."""
+    from cbir.measures import MEASURES
 
-    return tuple(METRICS)
+    return tuple(MEASURES)
+
+
+def valid_poolings() -> tuple[str, ...]:
+    """The pooling names of :data:`cbir.pooling.POOLINGS` (imports numpy only)."""
+    from cbir.pooling import POOLINGS
+
+    return tuple(POOLINGS)
+
+
+def valid_models() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(backbones, handcrafted descriptors)``: the names of :data:`cbir.backbones.BACKBONES` and
+    ``cbir.backbones.DESCRIPTORS``. Reading the registry builds no model and imports no Keras."""
+    from cbir.backbones import BACKBONES, DESCRIPTORS
+
+    return tuple(BACKBONES), tuple(DESCRIPTORS)
+
+
+def _backbone_layers(model: str) -> tuple[str, ...]:
+    """The named feature layers of backbone ``model`` (its registry entry; no Keras)."""
+    from cbir.backbones import BACKBONES
+
+    return tuple(BACKBONES[model].layers)
+
+
+def _did_you_mean(value: object, valid: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_model(params: dict[str, Any], where: Any) -> None:
+    """``model`` is a registered backbone or descriptor; descriptors take no layer or pooling; without
+    pooling a backbone's ``layer`` must be one of its named feature layers (what ``build_extractor`` accepts)."""
+    model = params.get("model")
+    backbones, descriptors = valid_models()
+    if model not in backbones and model not in descriptors:
+        hint = _did_you_mean(model, backbones + descriptors)
+        raise ParamsError(f"{where('model')}: model {model!r} is not known{hint}; "
+                          f"backbones: {', '.join(backbones)}; handcrafted descriptors: {', '.join(descriptors)}")
+    if model in descriptors:
+        for key in ("pooling", "layer"):
+            if params.get(key) is not None:
+                raise ParamsError(f"{where(key)}: model {model!r} is a handcrafted descriptor: {key} must be null, "
+                                  f"got {params[key]!r}")
+        return
+    layer = params.get("layer")
+    if params.get("pooling") is None and layer is not None:
+        layers = _backbone_layers(model)
+        if layer not in layers:
+            raise ParamsError(f"{where('layer')}: {model} has no feature layer {layer!r}"
+                              f"{_did_you_mean(layer, layers)}; with pooling null the layer must be one of "
+                              f"{', '.join(layers)} (or set a pooling to pool a convolutional layer)")
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -253,6 +316,8 @@ def load_params(
         value = parse_override(key, raw) if isinstance(raw, str) else raw
         params[key] = _check_type(key, value, base[key], f"-p {key}")
         sources[key], origin[key] = Path.cwd(), f"-p {key}"
+    if params.get("pooling") in NO_POOLING:  # `-p pooling none` and `pooling: none` mean null, as in `cbir extract`
+        params["pooling"] = None
     _check_values(params, origin, str(path))
 
     if params["out_dir"] is None:
@@ -273,9 +338,17 @@ def load_params(
     return params
 
 
+#: what a path parameter may be, for the "not found" messages
+PATH_CHOICES = {
+    "catalog": "'demo', a manifest CSV, a Kaggle folder (styles.csv + images/) or a folder tree "
+               "<category>/<subcategory>/*.jpg",
+    "weights": "'imagenet', 'none' or a .weights.h5 / .h5 / .pth file",
+}
+
+
 def missing_paths(params: Mapping[str, Any]) -> list[str]:
-    """``"<key> not found: <path>"`` for a catalogue or weights path that does not exist."""
-    return [f"{key} not found: {params[key]}" for key in ("catalog", "weights")
+    """``"<key> not found: <path> (expected ...)"`` for a catalogue or weights path that does not exist."""
+    return [f"{key} not found: {params[key]} (expected {PATH_CHOICES[key]})" for key in ("catalog", "weights")
             if params[key] not in ("demo", "imagenet", "none") and not Path(params[key]).exists()]
 
 

@@ -7,6 +7,11 @@ rerun skips a notebook whose status is ``ok`` for the same injected parameters (
 ``parameters`` cell declares) and the same notebook source, unless ``force`` or an earlier notebook
 of the same run had to run (later notebooks read its results). A failing notebook stops its own run (later notebooks depend on it) and
 leaves other runs, their outputs and the feature store untouched.
+
+After the notebooks (all, or up to the failing one) ``<out_dir>/report.html`` is written
+(:mod:`cbir.report`), its findings printed and put at the top of the executed notebooks. Kernels run
+quietly: one line per notebook with its time, progress bars of long steps on this terminal, the kernels'
+C-level output (TensorFlow start-up lines) in ``<out_dir>/logs/<notebook>.log``.
 """
 from __future__ import annotations
 
@@ -28,6 +33,19 @@ from cbir.params import DEFAULTS_FILE, REPO_ROOT, load_params, missing_paths, no
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "python3"
 RUN_JSON = "run.json"
+REPORT_NAME = "report.html"
+LOGS_DIR = "logs"
+#: arguments for every kernel: no "running over TCP without encryption" warning (once per notebook),
+#: C-level output (TensorFlow's oneDNN/absl lines) left on the kernel's own stderr instead of copied into
+#: the notebook, and :func:`kernel_setup` run before the first cell
+KERNEL_ARGUMENTS = (
+    "--IPKernelApp.log_level=ERROR",
+    "--IPKernelApp.capture_fd_output=False",
+    "--IPKernelApp.exec_lines=__import__('cbir.run').run.kernel_setup()",
+)
+#: environment of the kernel a notebook runs in: where its C-level stderr goes, and its progress-bar label
+KERNEL_LOG_ENV = "CBIR_KERNEL_LOG"
+KERNEL_LABEL_ENV = "CBIR_KERNEL_LABEL"
 #: import name -> distributions that may provide it (the first installed one is reported)
 VERSION_PACKAGES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy",),
@@ -43,6 +61,57 @@ VERSION_PACKAGES: dict[str, tuple[str, ...]] = {
     "cbir": ("cbir",),
 }
 _NOTEBOOK_RE = re.compile(r"^(\d{2})_.+\.ipynb$")
+
+
+def kernel_setup() -> None:
+    """Run inside each notebook kernel started by ``cbir run`` (before the first cell).
+
+    - progress bars (``tqdm`` and ``tqdm.auto``) go to the terminal of ``cbir run`` instead of the notebook
+      (where they read as an error-coloured block), labelled with the notebook (``$CBIR_KERNEL_LABEL``);
+    - the kernel's C-level stderr (TensorFlow's oneDNN and absl start-up lines) goes to the log file
+      ``$CBIR_KERNEL_LOG`` (``<out_dir>/logs/<notebook>.log``) instead of the terminal;
+    - TensorFlow's Python logger is set to errors only, and warnings raised inside TensorFlow or Keras are
+      not shown.
+    Never raises: a kernel that cannot be set up runs as before.
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(tensorflow|keras|tf_keras|absl)(\.|$)")
+    try:
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+        log_path = os.environ.get(KERNEL_LOG_ENV)
+        if log_path:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 2)
+            os.close(fd)
+        _route_progress_bars(terminal, os.environ.get(KERNEL_LABEL_ENV, ""))
+    except Exception:  # noqa: BLE001 - quieting is a nicety; the notebook must still run
+        pass
+
+
+def _route_progress_bars(terminal: Any, label: str) -> None:
+    """Make ``tqdm.tqdm`` and ``tqdm.auto.tqdm`` write to ``terminal`` (functions import them when called)."""
+    import tqdm
+    import tqdm.auto
+    import tqdm.std
+
+    interactive = terminal.isatty()
+
+    class TerminalBar(tqdm.std.tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("file", terminal)
+            if not interactive:  # a log file, not a screen: an update every 10 s, not every 0.1 s
+                kwargs.setdefault("mininterval", 10.0)
+            if label and kwargs.get("desc") is not None:
+                kwargs["desc"] = f"[{label}] {kwargs['desc']}"
+            elif label:
+                kwargs["desc"] = f"[{label}]"
+            super().__init__(*args, **kwargs)
+
+    tqdm.tqdm = TerminalBar
+    tqdm.auto.tqdm = TerminalBar
 
 
 def _now() -> str:
@@ -200,12 +269,27 @@ def _describe_failure(name: str, error: Mapping[str, Any]) -> str:
 
 
 def execute_notebook(source: Path, output: Path, parameters: Mapping[str, Any], *,
-                     kernel_name: str = KERNEL_NAME) -> None:
-    """Run ``source`` with papermill in its own folder, writing the executed copy to ``output``."""
+                     kernel_name: str = KERNEL_NAME, label: str = "", log_file: Path | None = None) -> None:
+    """Run ``source`` with papermill in its own folder, writing the executed copy to ``output``.
+
+    The kernel is quiet (:data:`KERNEL_ARGUMENTS`, :func:`kernel_setup`): progress bars on this process's
+    terminal labelled ``label``, C-level noise in ``log_file`` (when given).
+    """
     import papermill
 
-    papermill.execute_notebook(str(source), str(output), parameters=dict(parameters),
-                               cwd=str(source.parent), kernel_name=kernel_name, progress_bar=False)
+    env = {KERNEL_LABEL_ENV: label, KERNEL_LOG_ENV: str(log_file) if log_file else ""}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel inherits this process's environment when it starts
+    try:
+        papermill.execute_notebook(str(source), str(output), parameters=dict(parameters),
+                                   cwd=str(source.parent), kernel_name=kernel_name, progress_bar=False,
+                                   extra_arguments=list(KERNEL_ARGUMENTS))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _plan(params: Mapping[str, Any], params_file: Path, notebooks_dir: Path,
@@ -269,8 +353,12 @@ def _run_notebook(record: dict[str, Any], out_dir: Path, source: Path, injected:
     write_run_json(out_dir, record)
     _log(f"[{name}] {source.stem} ...")
     t0 = time.perf_counter()
+    log_file = out_dir / LOGS_DIR / f"{source.stem}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.unlink(missing_ok=True)
     try:
-        execute_notebook(source, output, injected, kernel_name=kernel_name)
+        execute_notebook(source, output, injected, kernel_name=kernel_name, label=source.stem[:2],
+                         log_file=log_file)
     except KeyboardInterrupt:
         entry.update(status="interrupted", seconds=round(time.perf_counter() - t0, 2), finished=_now())
         record.update(status="interrupted", finished=_now())
@@ -339,5 +427,70 @@ def run_params(
             break
     record.update(status="ok" if ok else "failed", finished=_now(), seconds=round(time.perf_counter() - t_run, 2))
     write_run_json(out_dir, record)
+    report_and_findings(out_dir, name=name)
     _log(f"[{name}] {'done' if ok else 'FAILED'}: {out_dir / RUN_JSON}")
     return ok
+
+
+#: analyses left out of the findings printed at the end of ``cbir run`` (they stay in the report)
+_QUIET_ANALYSES = ("Catalogue", "Approximate search")
+FINDINGS_TAG = "cbir-findings"
+
+
+def report_and_findings(out_dir: Path, *, name: str) -> Path | None:
+    """Write ``<out_dir>/report.html``, print its findings and put them at the top of the executed
+    notebooks of ``out_dir``. A report that cannot be written is reported, never fatal (None)."""
+    try:
+        from cbir.report import findings_lines, write_report
+
+        path, items = write_report(out_dir)
+    except Exception as exc:  # noqa: BLE001 - the notebooks' results stand without a report
+        _log(f"[{name}] report not written: {type(exc).__name__}: {exc}")
+        return None
+    shown = [f for f in items if f.analysis not in _QUIET_ANALYSES]
+    if shown:
+        _log(f"[{name}] findings:")
+        for line in findings_lines(shown):
+            _log(f"  {line}")
+    _log(f"[{name}] report: {path}")
+    try:
+        stamp_notebooks(out_dir, findings_lines(items))
+    except Exception as exc:  # noqa: BLE001
+        _log(f"[{name}] findings not added to the executed notebooks: {type(exc).__name__}: {exc}")
+    return path
+
+
+def stamp_notebooks(out_dir: Path, lines: list[str]) -> list[Path]:
+    """Put ``lines`` (the run's findings) in a markdown cell tagged :data:`FINDINGS_TAG` at the top of
+    every executed notebook in ``out_dir`` (after its title cell), replacing an earlier one."""
+    import nbformat
+
+    if not lines:
+        return []
+    body = "\n".join(f"- {line.strip()}" if line.startswith("  ") else f"\n**{line.rstrip(':')}**\n"
+                      for line in lines)
+    source = (f"> **Findings of this run** (the full report, with tables and figures: `{REPORT_NAME}` "
+              f"next to this notebook)\n{body}")
+    done = []
+    for path in sorted(Path(out_dir).glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        cells = [c for c in nb.cells if FINDINGS_TAG not in c.get("metadata", {}).get("tags", [])]
+        cell = nbformat.v4.new_markdown_cell(source)
+        cell.metadata["tags"] = [FINDINGS_TAG]
+        at = 1 if cells and cells[0].cell_type == "markdown" else 0
+        nb.cells = cells[:at] + [cell] + cells[at:]
+        tmp = path.with_suffix(f".ipynb.tmp{os.getpid()}")
+        nbformat.write(nb, tmp)
+        os.replace(tmp, path)
+        done.append(path)
+    return done
+
+
+def check_params_files(params_files: Iterable[str | Path], *, overrides: Mapping[str, Any] | None = None,
+                       defaults: str | Path = DEFAULTS_FILE, root: str | Path = REPO_ROOT) -> None:
+    """Load and validate every params file before any notebook of any of them starts (``cbir run a b``):
+    the first bad one raises :class:`~cbir.params.ParamsError` / ``FileNotFoundError`` naming the file and
+    the key. Missing catalogue or weights paths are left to :func:`run_params` (that run is skipped, the
+    others run)."""
+    for params_file in params_files:
+        load_params(Path(params_file), overrides, defaults=defaults, root=root)

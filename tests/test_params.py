@@ -178,3 +178,103 @@ def test_duplicate_key_is_refused_naming_file_key_and_lines(tmp_path):
     # the same key in two different mappings is fine
     nested = _write(tmp_path / "nested.yaml", "a: {x: 1}\nb:\n  x: 2\n")
     assert load_defaults(nested) == {"a": {"x": 1}, "b": {"x": 2}}
+
+
+# ------------------------------------------------------------------ validation against the registries
+@pytest.mark.parametrize("key, value, message", [
+    ("model", "vgg16x", "model 'vgg16x' is not known (did you mean 'vgg16'?); backbones: vgg16, vgg19, resnet50"),
+    ("model", "alexnet", "handcrafted descriptors: color_hist, lbp, hog"),
+    ("pooling", "gemm", "pooling 'gemm' must be one of gap, mac, gem, rmac or null (did you mean 'gem'?)"),
+    ("metrics", "[cosine, cosin]", "metrics must be distinct names from euclidean, manhattan, minkowski, chebyshev, "
+                                   "correlation, cosine; got ['cosine', 'cosin'] (did you mean 'cosine'?)"),
+    ("subcategory_from", "masterCategory", "subcategory_from 'masterCategory' must be one of articleType, subCategory"),
+])
+def test_unknown_registry_names_are_errors_naming_the_key_and_the_allowed_values(tmp_path, key, value, message):
+    params_file = _write(tmp_path / "p.yaml", "name: p\n")
+    with pytest.raises(ParamsError, match=f"^-p {key}: ") as info:
+        load_params(params_file, {key: value})
+    assert message in str(info.value)
+
+
+def test_the_allowed_values_are_the_registries(tmp_path):
+    from cbir.backbones import BACKBONES, DESCRIPTORS
+    from cbir.measures import MEASURES
+    from cbir.pooling import POOLINGS
+
+    params_file = _write(tmp_path / "p.yaml", "name: p\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(params_file, {"model": "nope"})
+    assert f"backbones: {', '.join(BACKBONES)}; handcrafted descriptors: {', '.join(DESCRIPTORS)}" in str(info.value)
+    for name in list(BACKBONES) + list(DESCRIPTORS):
+        extra = {"pooling": "null"} if name in DESCRIPTORS else {}
+        assert load_params(params_file, {"model": name, **extra})["model"] == name
+    for pooling in POOLINGS:
+        assert load_params(params_file, {"pooling": pooling})["pooling"] == pooling
+    assert load_params(params_file, {"metrics": f"[{', '.join(MEASURES)}]"})["metrics"] == list(MEASURES)
+
+
+def test_model_layer_and_pooling_must_fit_together(tmp_path):
+    # a handcrafted descriptor takes no pooling or layer (build_extractor would refuse it inside notebook 01)
+    in_file = _write(tmp_path / "hog.yaml", "name: hog\nmodel: hog\n")  # pooling defaults to gap
+    with pytest.raises(ParamsError, match=r"hog\.yaml: model 'hog' is a handcrafted descriptor: pooling must be null, "
+                                          r"got 'gap'"):
+        load_params(in_file)
+    with pytest.raises(ParamsError, match=r"^-p layer: model 'lbp' is a handcrafted descriptor: layer must be null"):
+        load_params(in_file, {"model": "lbp", "pooling": "null", "layer": "fc2"})
+    # without pooling the layer must be one of the backbone's named feature layers
+    with pytest.raises(ParamsError, match=r"^-p layer: vgg16 has no feature layer 'fc_2' \(did you mean 'fc2'\?\); "
+                                          r"with pooling null the layer must be one of fc1, fc2, predictions"):
+        load_params(in_file, {"model": "vgg16", "pooling": "null", "layer": "fc_2"})
+    assert load_params(in_file, {"model": "vgg16", "pooling": "null", "layer": "fc1"})["layer"] == "fc1"
+    # with a pooling any layer name may be pooled (checked against the built model in notebook 01)
+    pooled = load_params(in_file, {"model": "vgg16", "pooling": "gem", "layer": "block4_conv3"})
+    assert pooled["layer"] == "block4_conv3"
+
+
+@pytest.mark.parametrize("spelling", ["none", "None", "null"])
+def test_pooling_none_means_no_pooling(tmp_path, spelling):
+    params_file = _write(tmp_path / "p.yaml", f"name: p\nmodel: color_hist\npooling: {spelling}\n")
+    assert load_params(params_file)["pooling"] is None
+    assert load_params(_write(tmp_path / "q.yaml", "name: q\n"), {"pooling": spelling})["pooling"] is None
+
+
+def test_missing_catalogue_names_the_key_the_file_and_what_is_allowed(tmp_path):
+    params_file = _write(tmp_path / "p.yaml", "name: p\ncatalog: no/such.csv\nweights: w/missing.h5\n")
+    with pytest.raises(FileNotFoundError) as info:
+        load_params(params_file, root=tmp_path, check_paths=True)
+    assert str(info.value) == (f"{params_file}: catalog not found: {tmp_path / 'no/such.csv'} (expected 'demo', a "
+                               "manifest CSV, a Kaggle folder (styles.csv + images/) or a folder tree "
+                               "<category>/<subcategory>/*.jpg)")
+    (tmp_path / "no").mkdir()
+    (tmp_path / "no" / "such.csv").write_text("image,category,subcategory\n")
+    with pytest.raises(FileNotFoundError, match=r"p\.yaml: weights not found: .*w/missing\.h5 \(expected 'imagenet', "
+                                                r"'none' or a \.weights\.h5 / \.h5 / \.pth file\)"):
+        load_params(params_file, root=tmp_path, check_paths=True)
+
+
+def test_cbir_run_refuses_bad_parameters_in_seconds_without_keras(tmp_path):
+    """The whole command, in a fresh interpreter: error line naming key and allowed values, no notebook started."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    probe = ("import sys, time; t = time.perf_counter(); from cbir import cli; rc = cli.main(sys.argv[1:]); "
+             "print('keras' in sys.modules or 'tensorflow' in sys.modules, round(time.perf_counter() - t, 2)); "
+             "sys.exit(rc)")
+    for args, message in (
+        (["-p", "model", "resnet5"], "error: -p model: model 'resnet5' is not known (did you mean 'resnet50'?)"),
+        (["-p", "pooling", "avg"], "error: -p pooling: pooling 'avg' must be one of gap, mac, gem, rmac or null"),
+        (["-p", "k", "five"], "error: -p k: parameter 'k' must be an int, got 'five' (str)"),
+    ):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", probe, "run", "params/demo.yaml", "-p", "out_dir", str(out),
+                               *args], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=60)
+        elapsed = time.perf_counter() - t0
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith(message), proc.stderr
+        keras_loaded, _ = proc.stdout.split()
+        assert keras_loaded == "False"
+        assert elapsed < 5, elapsed
+    assert not out.exists()  # no notebook (nor folder) was started

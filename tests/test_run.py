@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -239,3 +240,73 @@ def test_demo_params_notebook_00(tmp_path, repo_root):
     assert entry["status"] == "ok"
     assert record["parameters"]["model"] == "efficientnet_lite0"
     assert (out / Path(entry["notebook"]).name).is_file()
+
+
+def test_kernels_are_quiet_and_progress_bars_go_to_the_terminal(tmp_path, capfd):
+    """No kernel warning, C-level output in logs/<notebook>.log, tqdm bars on cbir run's stderr, not in the notebook."""
+    folder = tmp_path / "quiet"
+    folder.mkdir()
+    _notebook(folder / "00_quiet.ipynb", extra=[
+        "from tqdm import tqdm\nfor _ in tqdm(range(3), desc='work'):\n    pass",
+        "from tqdm.auto import tqdm as auto_tqdm\nn = len(list(auto_tqdm(range(2), desc='auto')))",
+        "import os\nos.write(2, b'C-LEVEL NOISE\\n')",
+    ])
+    params = _params(tmp_path, "quiet")
+    capfd.readouterr()
+    assert run.run_params(params, notebooks_dir=folder)  # 01 is listed but absent: reported, not fatal
+    out, err = capfd.readouterr()
+    assert "without encryption" not in err and "WARNING" not in err
+    assert "C-LEVEL NOISE" not in err and "C-LEVEL NOISE" not in out
+    assert re.search(r"\[00\] work: 100%\|", err) and re.search(r"\[00\] auto: 100%\|", err)
+    assert "C-LEVEL NOISE" in (tmp_path / "out" / "quiet" / "logs" / "00_quiet.log").read_text()
+    executed = nbformat.read(tmp_path / "out" / "quiet" / "00_quiet.ipynb", as_version=4)
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "stream" and o.name == "stderr"], outputs
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert re.search(r"^\[quiet\] 00_quiet ok \(\d+\.\d s\)$", out, flags=re.M)
+
+
+MATCH_CELL = (
+    "import pandas as pd\n"
+    "rows = [('cosine', 0.95, 0.91, 0.98), ('chebyshev', 0.70, 0.62, 0.78)]\n"
+    "pd.DataFrame([{'metric': m, 'k': 5, 'n_queries': 60, 'category_match': v, 'category_match_lo': lo,\n"
+    "               'category_match_hi': hi} for m, v, lo, hi in rows]).to_csv(\n"
+    "    pathlib.Path(out_dir) / 'tables' / 'category_match.csv', index=False)\n"
+    "pd.DataFrame([{'a_metric': 'cosine', 'b_metric': 'chebyshev', 'mean_diff': 0.25, 'p_holm': 0.0,\n"
+    "               'score': 'category_match'}]).to_csv(pathlib.Path(out_dir) / 'tables' / 'paired_tests.csv',\n"
+    "                                                   index=False)"
+)
+
+
+def test_report_and_findings_even_when_a_notebook_fails(tmp_path, capsys):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _notebook(folder / "00_first.ipynb", extra=[MATCH_CELL])
+    _notebook(folder / "01_second.ipynb", extra=["if seed == 13:\n    raise ValueError(f'unlucky seed {seed}')"])
+    params = _params(tmp_path, "rep", seed=13)
+    assert not run.run_params(params, notebooks_dir=folder)
+    printed = capsys.readouterr().out
+    out = tmp_path / "out" / "rep"
+    lines = printed.splitlines()
+    at = lines.index("[rep] findings:")
+    assert lines[at + 2] == ("    Category match (top 5, 60 queries): best: cosine 0.950 [0.910, 0.980]; "
+                             "lower: chebyshev (Holm p < 0.001).")
+    assert f"[rep] report: {out / 'report.html'}" in lines[at + 3:]
+    doc = (out / "report.html").read_text()
+    assert doc.index("01_second failed at cell 3: ValueError: unlucky seed 13") < doc.index("id='findings'")
+    # the findings sit at the top of the executed notebooks, once, however often the run is repeated
+    assert run.run_params(params, overrides={"seed": "1"}, notebooks_dir=folder)
+    executed = nbformat.read(out / "00_first.ipynb", as_version=4)
+    stamped = [c for c in executed.cells if run.FINDINGS_TAG in c.metadata.get("tags", [])]
+    assert len(stamped) == 1 and executed.cells[1] is stamped[0]
+    assert "best: cosine 0.950 [0.910, 0.980]" in stamped[0].source
+    assert "failed" not in (out / "report.html").read_text().split("id='findings'")[0]
+
+
+def test_check_params_files_refuses_a_bad_file_before_anything_runs(tmp_path, notebooks):
+    good = _params(tmp_path, "good")
+    bad = _params(tmp_path, "bad", model="vgg16x")
+    with pytest.raises(ParamsError, match=r"bad\.yaml: model 'vgg16x' is not known \(did you mean 'vgg16'\?\)"):
+        run.check_params_files([good, bad])
+    assert not (tmp_path / "out").exists()
+    run.check_params_files([good, good], overrides={"k": "3"})
