@@ -32,8 +32,7 @@ from cbir.efficientnet_lite import CheckpointError, file_sha1
 from cbir.extractors import Entry, build_extractor, extractor_names, get_entry, resolve
 
 __all__ = ["Extractor", "WeightsUnavailableError", "build_extractor", "build_cnn_extractor", "build_base_model",
-           "resolve_weights", "list_backbones", "weights_dirs", "keras_cache_dir", "fit_pca_whitening",
-           "apply_pca_whitening", "NONE_LABEL"]
+           "resolve_weights", "list_backbones", "weights_dirs", "keras_cache_dir", "NONE_LABEL"]
 
 NONE_LABEL = "none (random init)"
 KERAS_WEIGHTS_HOST = "storage.googleapis.com"
@@ -432,34 +431,3 @@ def list_backbones() -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 # PCA whitening (post-processing fitted on the searchable catalogue)
 # --------------------------------------------------------------------------------------------
-
-def fit_pca_whitening(X: np.ndarray, n_components: int | None = None, seed: int = 0):
-    """Fit ``sklearn.decomposition.PCA(whiten=True)`` on catalogue features ``X`` ``(N, D)``.
-    ``n_components`` None keeps the numerical rank (components with variance above 1e-10 of the
-    largest), and a larger ``n_components`` is capped at it, so whitening never divides by ~0. Returns the fitted PCA."""
-    from sklearn.decomposition import PCA
-
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or len(X) < 2:
-        raise ValueError(f"fit_pca_whitening needs a 2-d array of at least 2 rows, got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise ValueError("fit_pca_whitening: the features contain NaN or infinite values")
-    if X.var(axis=0).sum() == 0:
-        raise ValueError("fit_pca_whitening: the features have zero variance")
-    pca = PCA(n_components=None, whiten=True, svd_solver="full", random_state=seed).fit(X)
-    var = pca.explained_variance_
-    rank = int(np.sum(var > var[0] * 1e-10)) if var.size and var[0] > 0 else 0
-    if rank == 0:
-        raise ValueError("fit_pca_whitening: the features have zero variance")
-    keep = rank if n_components is None else min(int(n_components), rank)  # never divide by a ~0 variance
-    if keep < pca.n_components_:
-        pca = PCA(n_components=keep, whiten=True, svd_solver="full", random_state=seed).fit(X)
-    return pca
-
-
-def apply_pca_whitening(pca, X: np.ndarray, *, l2_normalize: bool = True) -> np.ndarray:
-    """Project ``X`` ``(N, D)`` with a fitted whitening PCA -> float32 ``(N, k)``, unit rows if ``l2_normalize``."""
-    Z = pca.transform(np.asarray(X, dtype=np.float64))
-    if l2_normalize:
-        Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
-    return Z.astype(np.float32)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from cbir.runs import RUN_COLUMNS, TUPLE_COLUMNS, feature_label
+from cbir.postprocess import get_postprocess, whitening_components
 from cbir.search import METRICS, ApproximateIndex, knn, recall_at_k, search
 from cbir.stats import bootstrap_ci, holm, paired_test
 
@@ -420,11 +421,9 @@ def approximate_recall(catalog_X: Any, query_X: Any, *, metrics: Sequence[str] =
 def whiten_for_fold(ids: Sequence[str] | np.ndarray, X: Any, *, fit_ids: Sequence[str], query_ids: Sequence[str],
                     fold: int | None = None, seed: int = 0) -> np.ndarray:
     """``X`` (N, D) PCA-whitened and L2-normalised -> float32 (N, k), the PCA fitted on the rows of ``fit_ids``
-    only (:func:`cbir.backbones.fit_pca_whitening`, :func:`cbir.extract.whitening_components` components,
-    as :func:`cbir.extract.whiten_for_catalog`). Raises ``AssertionError`` when a query id is among the fit ids."""
-    from cbir.backbones import apply_pca_whitening, fit_pca_whitening
-    from cbir.extract import whitening_components
-
+    only (the ``pca_whiten`` step of :mod:`cbir.postprocess`, :func:`cbir.postprocess.whitening_components`
+    components, as :func:`cbir.extract.whiten_for_catalog`). Raises ``AssertionError`` when a query id is among
+    the fit ids."""
     fit_ids = np.asarray(fit_ids).astype(str)
     leaked = np.intersect1d(fit_ids, np.asarray(query_ids).astype(str))
     if len(leaked):
@@ -434,8 +433,7 @@ def whiten_for_fold(ids: Sequence[str] | np.ndarray, X: Any, *, fit_ids: Sequenc
     if (rows < 0).any():
         raise KeyError(f"fit ids without features: {fit_ids[rows < 0][:5].tolist()}")
     X = np.asarray(X)
-    pca = fit_pca_whitening(X[rows], n_components=whitening_components(len(rows)), seed=seed)
-    return apply_pca_whitening(pca, X)
+    return get_postprocess("pca_whiten").fit_apply(X[rows], X, n_components=whitening_components(len(rows)), seed=seed)
 
 
 def cross_validate(ids: Sequence[str] | np.ndarray, X: Any, labels: pd.DataFrame, folds: Sequence[Any], *,

@@ -33,6 +33,7 @@ import pandas as pd
 
 from cbir.catalog import CatalogError, catalog_frame, labels_sha1
 from cbir.images import ImageError, decode_bytes, read_file_bytes
+from cbir.postprocess import get_postprocess, whitening_components
 from cbir.store import FeatureStore, StoreError, canonical_json, open_store
 
 __all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
@@ -314,7 +315,7 @@ class _Stream:
             batch = np.concatenate([batch, np.zeros((model_rows - len(ok), *batch.shape[1:]), np.uint8)])
         X = np.asarray(self.extractor(batch), dtype=np.float32)[:len(ok)]
         if self.l2_here:
-            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+            X = get_postprocess("l2").apply(None, X)
         finite = np.isfinite(X).all(axis=1)
         fails += [(batch_ids[k], "non_finite", "the model returned NaN or infinite values", results[k][1])
                   for k, f in zip(ok, finite) if not f]
@@ -419,19 +420,6 @@ def ensure_features(catalog: Any, *, store: FeatureStore | str | os.PathLike[str
     return whiten_for_catalog(store, run_id, catalog) if pca_whiten else run_id
 
 
-WHITEN_MAX_COMPONENTS = 256
-"""At most this many whitened components (and at most a quarter of the fitted images): whitening every
-direction of a small catalogue amplifies noise; on the 300 searchable demo images full-rank whitening cut
-cosine sub-category match from 0.96 to 0.51, 16 components kept 0.94."""
-
-
-def whitening_components(n_fit: int) -> int:
-    """The number of whitened components kept for a fit on ``n_fit`` images: ``min(WHITEN_MAX_COMPONENTS,
-    n_fit // 4)``, at least 2 (fewer when the features have lower rank). Shared by :func:`whiten_for_catalog`
-    and the per-fold whitening of :func:`cbir.evaluate.cross_validate`."""
-    return max(2, min(WHITEN_MAX_COMPONENTS, int(n_fit) // 4))
-
-
 def whiten_for_catalog(store: FeatureStore | str | os.PathLike[str], run_id: int, catalog: Any) -> int:
     """:func:`whiten_run` fitted on the catalogue's searchable rows (``split`` not ``"query"``; all rows
     when there is no split column), keeping ``min(WHITEN_MAX_COMPONENTS, n_searchable // 4)`` components
@@ -446,14 +434,12 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
                n_components: int | None = None, seed: int = 0) -> int:
     """A derived run holding run ``run_id``'s vectors PCA-whitened and L2-normalised; returns its id.
 
-    The PCA (:func:`cbir.backbones.fit_pca_whitening`) is fitted on the vectors of ``fit_ids`` (the
+    The PCA (the ``pca_whiten`` step of :mod:`cbir.postprocess`) is fitted on the vectors of ``fit_ids`` (the
     searchable catalogue, so queries never shape the projection) and applied to every vector of the run.
     The derived run's identity is the source's plus ``variant`` ``"<variant>+pcaw"`` and the sha1 of the
     sorted fit ids, so it is computed once per (run, fit set) and reused afterwards.
     """
     import hashlib
-
-    from cbir.backbones import apply_pca_whitening, fit_pca_whitening
 
     store = open_store(store)
     source = store.run(run_id)
@@ -472,9 +458,11 @@ def whiten_run(store: FeatureStore | str | os.PathLike[str], run_id: int, fit_id
     if record.get("status") == "complete" and record.get("n_features") == len(ids):
         return derived
     position = {image_id: i for i, image_id in enumerate(ids.tolist())}
-    pca = fit_pca_whitening(X[[position[i] for i in fit]], n_components=n_components, seed=seed)
+    step = get_postprocess("pca_whiten")
+    pca = step.fit(X[[position[i] for i in fit]], n_components=len(fit) if n_components is None else n_components,
+                   seed=seed)  # None: the features' numerical rank (at most the number of fitted images)
     content = store.content_sha1(run_id)  # the whitened vectors come from the same file content
-    store.put_features(derived, ids, apply_pca_whitening(pca, X), sha1=[content.get(i) for i in ids])
+    store.put_features(derived, ids, step.apply(pca, X), sha1=[content.get(i) for i in ids])
     store.finish_run(derived, n_images=len(ids), whiten_fit_images=len(fit),
                      whiten_components=int(pca.n_components_))
     return derived

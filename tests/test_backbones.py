@@ -476,32 +476,3 @@ def test_a_backbone_without_imagenet_weights_says_so(tiny, offline_env):
     with pytest.raises(bb.WeightsUnavailableError, match="'tiny_plain' are not available: none is registered"):
         bb.build_extractor("tiny_plain")
     assert bb.list_backbones().set_index("name").loc["tiny_plain", "weights_source"] == "none"
-
-
-# ------------------------------------------------------------------------------------------
-# PCA whitening
-# ------------------------------------------------------------------------------------------
-
-def test_pca_whitening():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + 5.0  # correlated, off-centre
-    pca = bb.fit_pca_whitening(X, seed=0)
-    assert pca.whiten and pca.n_components_ == 6
-    Z = bb.apply_pca_whitening(pca, X, l2_normalize=False)
-    np.testing.assert_allclose(np.cov(Z, rowvar=False), np.eye(6), atol=1e-4)
-    np.testing.assert_allclose(Z.mean(axis=0), 0.0, atol=1e-5)
-    U = bb.apply_pca_whitening(pca, X[:10])
-    assert U.dtype == np.float32 and U.shape == (10, 6)
-    np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, rtol=1e-5)
-    assert bb.fit_pca_whitening(X, n_components=3).n_components_ == 3
-
-
-def test_pca_whitening_keeps_numerical_rank():
-    rng = np.random.default_rng(1)
-    X = rng.normal(size=(8, 50))  # 8 rows: centred rank 7
-    pca = bb.fit_pca_whitening(X)
-    assert pca.n_components_ == 7
-    Z = bb.apply_pca_whitening(pca, X, l2_normalize=False)
-    assert np.isfinite(Z).all() and np.abs(Z).max() < 10
-    with pytest.raises(ValueError, match="zero variance"):
-        bb.fit_pca_whitening(np.ones((5, 3)))

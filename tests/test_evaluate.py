@@ -298,18 +298,18 @@ def test_cross_validate_whitening_is_fitted_per_fold_without_its_queries(monkeyp
     from scipy.spatial.distance import cdist
     from sklearn.decomposition import PCA
 
-    import cbir.backbones as bb
+    import cbir.postprocess as pp
 
     ids, X, labels, folds = _anisotropic_cv_data()
     row_id = {row.tobytes(): i for row, i in zip(X.astype(np.float64), ids)}
     fitted: list[set[str]] = []
-    real_fit = bb.fit_pca_whitening
+    real_fit = pp.fit_pca_whitening
 
     def spy(X_fit, *args, **kwargs):
         fitted.append({row_id[r.tobytes()] for r in np.asarray(X_fit, dtype=np.float64)})
         return real_fit(X_fit, *args, **kwargs)
 
-    monkeypatch.setattr(bb, "fit_pca_whitening", spy)
+    monkeypatch.setattr(pp, "fit_pca_whitening", spy)
     per_fold, _ = ev.cross_validate(ids, X, labels, folds, metrics=["cosine"], k=3, pca_whiten=True)
     # one fit per fold, on exactly the images searchable in that fold: never the fold's queries
     assert fitted == [set(ids) - set(fold) for fold in folds]
@@ -324,7 +324,7 @@ def test_cross_validate_whitening_is_fitted_per_fold_without_its_queries(monkeyp
         got = per_fold.loc[per_fold["fold"] == f, "subcategory_match"].item()
         assert got == pytest.approx(want)
     # the leaky version (one whitening fitted on every image, queries included) gives other numbers
-    leaky = bb.apply_pca_whitening(real_fit(X, n_components=20), X)
+    leaky = pp.apply_pca_whitening(real_fit(X, n_components=20), X)
     leaked, _ = ev.cross_validate(ids, leaky, labels, folds, metrics=["cosine"], k=3)
     assert not np.allclose(leaked["subcategory_match"], per_fold["subcategory_match"])
 
