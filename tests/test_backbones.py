@@ -199,6 +199,7 @@ def test_list_backbones():
     ("resnet50", "gap"), ("xception", "mac"), ("inception_v3", "gem"), ("mobilenet_v2", "rmac"),
     ("efficientnet_b0", "gap"), ("efficientnet_lite0", "mac"), ("efficientnet_lite2", "gem"),
 ])
+@pytest.mark.slow
 def test_dims_with_random_weights(name, pooling):
     spec = reg.get_entry(name)
     batch = np.random.default_rng(1).integers(0, 256, (2, spec.input_size, spec.input_size, 3), dtype=np.uint8)
@@ -235,6 +236,7 @@ def test_extractor_identity_l2_and_batch_checks():
         ex(batch[:, :200])
 
 
+@pytest.mark.slow
 def test_random_init_is_deterministic():
     batch = np.random.default_rng(3).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     a = bb.build_extractor("mobilenet_v2", pooling="gap", weights="none")(batch)
@@ -371,6 +373,7 @@ def _top5(probs: np.ndarray, labels: list[str]) -> list[tuple[str, float]]:
     return [(labels[i + 1], round(float(probs[i]), 3)) for i in order]  # line 0 of the labels is background
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_imagenet_classifies_chelsea(mobilenet_v2_weights, imagenet_labels):
     ex = bb.build_extractor("mobilenet_v2", layer="predictions", weights="imagenet")
     assert ex.weights_label == "imagenet" and ex.weights_file == mobilenet_v2_weights.name
@@ -384,6 +387,7 @@ def test_mobilenet_v2_imagenet_classifies_chelsea(mobilenet_v2_weights, imagenet
 
 @pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240),
                                         ("efficientnet_lite2", 260)])
+@pytest.mark.slow
 def test_efficientnet_lite_extractor_classifies_chelsea(imagenet_labels, name, size):
     ex = bb.build_extractor(name, layer="predictions", weights="imagenet")
     assert ex.input_size == size and ex.identity()["input_size"] == size
@@ -393,6 +397,7 @@ def test_efficientnet_lite_extractor_classifies_chelsea(imagenet_labels, name, s
     assert top5[0][0] in CAT_CLASSES and top5[0][1] > 0.5
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_weights_paths_agree(mobilenet_v2_weights, mobilenet_v2_notop_weights):
     batch = np.concatenate([_chelsea(), np.full((1, 224, 224, 3), 200, np.uint8)])
     from_notop = bb.build_extractor("mobilenet_v2", pooling="gap", weights=mobilenet_v2_notop_weights)

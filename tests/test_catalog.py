@@ -628,6 +628,7 @@ def real_catalog(real_catalog_dir: Path) -> Catalog:
     return load_catalog(real_catalog_dir, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_real_catalogue_loads_and_reports_duplicates(real_catalog: Catalog) -> None:
     catalog = real_catalog

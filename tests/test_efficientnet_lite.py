@@ -73,6 +73,7 @@ def test_legacy_checkpoint_reads_as_numpy(state_dict):
     assert "_blocks.0._expand_conv.weight" not in state_dict and "_blocks.15._expand_conv.weight" in state_dict
 
 
+@pytest.mark.slow
 def test_model_has_exactly_the_checkpoint_parameters(state_dict):
     model = el.build_efficientnet_lite0(include_top=True)
     n_checkpoint = sum(v.size for k, v in state_dict.items() if not k.endswith("num_batches_tracked"))
@@ -125,6 +126,7 @@ def test_wrong_state_dict_is_refused(state_dict):
         el.load_state_dict_into(model, broken, source="broken.pth")
 
 
+@pytest.mark.slow
 def test_conversion_is_cached_by_sha1(tmp_path, monkeypatch, checkpoint, state_dict):
     monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path / "cache"))
     sha1 = el.file_sha1(checkpoint)
@@ -141,6 +143,7 @@ def test_conversion_is_cached_by_sha1(tmp_path, monkeypatch, checkpoint, state_d
     np.testing.assert_array_equal(model.get_layer("logits").get_weights()[0], state_dict["_fc.weight"].T)
 
 
+@pytest.mark.slow
 def test_keras_weights_file_round_trip(tmp_path, logits_model):
     import keras
 
@@ -154,6 +157,7 @@ def test_keras_weights_file_round_trip(tmp_path, logits_model):
     np.testing.assert_array_equal(reloaded.predict_on_batch(x), logits_model.predict_on_batch(x))
 
 
+@pytest.mark.slow
 def test_chelsea_is_a_cat(logits_model, imagenet_labels):
     logits = logits_model.predict_on_batch(el.preprocess_input(_images()[:1]))[0].astype(np.float64)
     probs = np.exp(logits - logits.max())
@@ -203,6 +207,7 @@ def _torch_reference_logits(sd, images_nchw, strides=SOURCE_STRIDES):
         return F.linear(x.mean(dim=(2, 3)), sd["_fc.weight"], sd["_fc.bias"])
 
 
+@pytest.mark.slow
 def test_logits_agree_with_pytorch_reference(checkpoint, logits_model):
     torch = pytest.importorskip("torch")
     sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -280,6 +285,7 @@ def lite_logits_models():
 
 @pytest.mark.parametrize("name, size, trainable, grid", [("efficientnet_lite1", 240, 5_416_680, 8),
                                                          ("efficientnet_lite2", 260, 6_092_072, 9)])
+@pytest.mark.slow
 def test_lite12_has_exactly_the_checkpoint_parameters(name, size, trainable, grid, lite_state_dicts):
     sd = lite_state_dicts[name]
     assert el.imagenet_checkpoint(name).name.startswith(name.replace("_", "-"))
@@ -293,6 +299,7 @@ def test_lite12_has_exactly_the_checkpoint_parameters(name, size, trainable, gri
     assert model.get_layer("top_dropout").rate == el.VARIANTS[name].dropout
 
 
+@pytest.mark.slow
 def test_lite_checkpoints_do_not_load_into_another_variant(lite_state_dicts, state_dict):
     with pytest.raises(el.CheckpointError, match="lite0.pth.*efficientnet_lite1"):
         el.load_state_dict_into(el.build_efficientnet_lite("efficientnet_lite1"), state_dict, source="lite0.pth")
@@ -304,6 +311,7 @@ def test_lite_checkpoints_do_not_load_into_another_variant(lite_state_dicts, sta
                                 source="lite1.pth")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE12)
 def test_lite12_chelsea_is_a_cat(name, lite_logits_models, imagenet_labels):
     model, _ = lite_logits_models[name]
@@ -317,6 +325,7 @@ def test_lite12_chelsea_is_a_cat(name, lite_logits_models, imagenet_labels):
     assert names[0] in CAT_CLASSES and probs[top5[0]] > 0.5  # measured: Egyptian cat 0.795 (lite1), 0.750 (lite2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LITE12)
 def test_lite12_logits_agree_with_pytorch_reference(name, lite_logits_models):
     torch = pytest.importorskip("torch")
@@ -332,6 +341,7 @@ def test_lite12_logits_agree_with_pytorch_reference(name, lite_logits_models):
     np.testing.assert_array_equal(ours.argmax(1), ref.argmax(1))
 
 
+@pytest.mark.slow
 def test_keras_application_constructor(tmp_path, lite_logits_models):
     """``efficientnet_lite1(include_top=, weights=, input_shape=)`` as keras.applications: random init, the
     pip ImageNet weights, or a saved ``.weights.h5``; without top it ends at top_activation."""

@@ -339,6 +339,7 @@ def manifest_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_cli_extract_and_export_with_a_real_backbone(tmp_path, manifest_dir, capsys):
     pytest.importorskip("keras")
     from cbir.cli import main
@@ -362,6 +363,7 @@ def test_cli_extract_and_export_with_a_real_backbone(tmp_path, manifest_dir, cap
     assert "run 1: 6 feature vectors" in capsys.readouterr().out and len(fs.runs()) == 1
 
 
+@pytest.mark.slow
 def test_real_backbone_by_name_equals_direct_calls(tmp_path, manifest_dir):
     pytest.importorskip("keras")
     from cbir.backbones import build_extractor

@@ -66,6 +66,7 @@ def _order(tmp_path: Path, name: str) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 def test_runs_numbered_notebooks_in_order_with_injected_parameters(tmp_path, notebooks, capsys):
     params = _params(tmp_path, "alpha", k=7)
     assert run.run_params(params, overrides={"metrics": "[cosine, euclidean]"}, notebooks_dir=notebooks)
@@ -107,6 +108,7 @@ def test_runs_numbered_notebooks_in_order_with_injected_parameters(tmp_path, not
     assert "00_first ok" in printed and "01_second ok" in printed
 
 
+@pytest.mark.slow
 def test_rerun_skips_done_notebooks_force_and_changed_parameters_rerun(tmp_path, notebooks, capsys):
     params = _params(tmp_path, "beta")
     assert run.run_params(params, notebooks_dir=notebooks)
@@ -138,6 +140,7 @@ def test_rerun_skips_done_notebooks_force_and_changed_parameters_rerun(tmp_path,
         assert [line[:2] for line in _order(tmp_path, "beta")[before:]] == expected
 
 
+@pytest.mark.slow
 def test_failure_names_notebook_and_cell_and_stops_only_this_run(tmp_path, notebooks, capsys, monkeypatch):
     good_first = _params(tmp_path, "good")
     bad = _params(tmp_path, "bad", seed=13)
@@ -178,6 +181,7 @@ def test_failure_names_notebook_and_cell_and_stops_only_this_run(tmp_path, noteb
                                            "01_second k=5 seed=1 metrics=cosine cwd=nbs"]
 
 
+@pytest.mark.slow
 def test_only_runs_the_named_notebooks_including_the_summary(tmp_path, notebooks, capsys):
     params = _params(tmp_path, "gamma")
     assert run.run_params(params, only=["08", "00_first"], notebooks_dir=notebooks)
@@ -189,6 +193,7 @@ def test_only_runs_the_named_notebooks_including_the_summary(tmp_path, notebooks
         run.run_params(params, only=["x1"], notebooks_dir=notebooks)
 
 
+@pytest.mark.slow
 def test_missing_listed_notebook_is_reported_not_fatal(tmp_path, notebooks, capsys):
     params = _params(tmp_path, "delta")
     assert run.run_params(params, overrides={"notebooks": "[00, 02]"}, notebooks_dir=notebooks)
@@ -278,6 +283,7 @@ MATCH_CELL = (
 )
 
 
+@pytest.mark.slow
 def test_report_and_findings_even_when_a_notebook_fails(tmp_path, capsys):
     folder = tmp_path / "nbs"
     folder.mkdir()
