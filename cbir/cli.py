@@ -13,6 +13,15 @@ from cbir.extractors import extractor_names
 from cbir.pooling import POOLINGS
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cbir")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _cmd_catalog_check(args: argparse.Namespace) -> int:
     from cbir.catalog import check_catalog_report
 
@@ -69,13 +78,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cbir.run import run_params
+    from cbir.run import check_params_files, run_params
 
     overrides = {name: value for name, value in (args.param or [])}
+    check_params_files(args.params, overrides=overrides)  # every file valid before any notebook starts
     ok = True
     for params_file in args.params:
         ok &= run_params(params_file, overrides=overrides, force=args.force, only=args.only)
     return 0 if ok else 1
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    """``cbir list models|measures|poolings|params|runs``: one name per line (runs: a table)."""
+    if args.what == "models":
+        from cbir.extractors import get_entry
+
+        for name in extractor_names():
+            entry = get_entry(name)
+            print(f"{name:22s} {entry.kind:11s} {entry.input_size} px")
+    elif args.what == "measures":
+        from cbir.measures import MEASURES
+
+        for measure in MEASURES.values():
+            print(f"{measure.name:12s} {measure.description}")
+    elif args.what == "poolings":
+        for pooling in POOLINGS.values():
+            print(f"{pooling.name:6s} {pooling.description}")
+    elif args.what == "params":
+        from cbir.params import REPO_ROOT
+
+        for path in sorted((REPO_ROOT / "params").glob("*.yaml")):
+            print(path.relative_to(REPO_ROOT))
+    else:
+        from cbir.runs import run_table
+        from cbir.store import FeatureStore
+
+        if args.store is None:
+            raise ValueError("cbir list runs needs --store PATH")
+        table = run_table(FeatureStore(args.store, readonly=True))
+        print(table[["run_id", "features", "status", "n_features", "n_failures"]].to_string(index=False))
+    return 0
 
 
 def _pooling(value: str) -> str | None:
@@ -89,7 +131,13 @@ def _pooling(value: str) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cbir {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    listing = sub.add_parser("list", help="list the models, measures, poolings, params files or a store's runs")
+    listing.add_argument("what", choices=["models", "measures", "poolings", "params", "runs"])
+    listing.add_argument("--store", type=Path, default=None, help="the store whose runs to list")
+    listing.set_defaults(func=_cmd_list)
 
     catalog = sub.add_parser("catalog", help="inspect a product catalogue")
     catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True)

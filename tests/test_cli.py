@@ -135,3 +135,31 @@ def test_model_and_pooling_choices_come_from_the_registries(capsys):
         parser.parse_args(["extract", "--catalog", "c", "--store", "s", "--model", "mobilenet"])
     err = capsys.readouterr().err
     assert "invalid choice: 'mobilenet'" in err and "efficientnet_lite2" in extractor_names()
+
+
+def test_version_and_list_come_from_the_package_and_the_registries(capsys, tmp_path):
+    from cbir.extractors import extractor_names
+    from cbir.measures import MEASURES
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and re.fullmatch(r"cbir \d+\.\d+\.\d+\n", capsys.readouterr().out)
+    assert main(["list", "models"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(extractor_names())
+    assert main(["list", "measures"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == list(MEASURES)
+    assert main(["list", "params"]) == 0
+    assert "params/demo.yaml" in capsys.readouterr().out.splitlines()
+    assert main(["list", "runs", "--store", str(tmp_path / "none.sqlite")]) == 1
+    assert "no such feature store" in capsys.readouterr().err and not (tmp_path / "none.sqlite").exists()
+
+
+def test_run_checks_every_params_file_before_any_notebook(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"name: good\ncatalog: demo\nout_dir: {tmp_path / 'good_out'}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel: mobilenet_v3\n")
+    assert main(["run", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "mobilenet_v3" in err
+    assert not (tmp_path / "good_out").exists()  # the good file, first in line, did not start either
