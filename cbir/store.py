@@ -167,6 +167,9 @@ def frame_to_json(df: pd.DataFrame) -> str:
     """Serialise a DataFrame losslessly enough for result tables: values, index, columns and dtypes.
 
     Floats keep full precision (Python ``repr``), missing values become null, timestamps ISO strings.
+    Why not ``DataFrame.to_json(orient="table")``: pandas writes at most 15 significant digits
+    (``double_precision <= 15``), so stored tables would no longer equal the computed ones bit for bit, and
+    the Table Schema orient refuses the MultiIndex columns some result tables have.
     """
     split = df.to_dict(orient="split", index=False)
     payload = {
