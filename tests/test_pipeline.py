@@ -8,7 +8,7 @@ into a temporary folder and checks the required tables within tolerances.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +87,13 @@ def test_demo_pipeline(tmp_path: Path) -> None:
 
 
 def _real_subset(real: Path, dest: Path, per_subcategory: int = 20, seed: int = 0) -> Path:
-    """A stratified subset manifest of the real catalogue; ``images`` is a link to the shared folder."""
+    """A stratified subset of the real catalogue, its photos copied under ``dest`` (a link to the shared folder
+    would lead outside the catalogue root, which loading refuses)."""
     manifest = pd.read_csv(real / "manifest.csv")
     sample = manifest.sample(frac=1.0, random_state=seed).groupby("subcategory").head(per_subcategory)
-    dest.mkdir(parents=True)
-    os.symlink(real / "images", dest / "images")
+    for image in sample["image"]:
+        (dest / image).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real / image, dest / image)
     path = dest / "manifest.csv"
     sample.sort_values("image").to_csv(path, index=False)
     return path
