@@ -3,37 +3,43 @@
 :class:`VisualSearchApp` holds the logic and can be used without a browser:
 ``search_bytes(data, name)`` for an upload (validated, then embedded with the same extractor as the
 chosen run, built once and cached) and ``search_catalog_image(image_id)`` for a stored image (its stored
-vector; itself and its byte-identical duplicates left out). ``widget()`` builds the ipywidgets UI:
-upload (FileUpload) or pick a catalogue image (Dropdown), choose run and measure, see thumbnails with
-labels and distances. Bad uploads show a message in an element with CSS class ``cbir-error``.
+vector; itself and its byte-identical duplicates left out), both over the run's
+:class:`cbir.gallery.RunVectors`. ``widget()`` builds the ipywidgets UI: choose run, measure and ``k``,
+upload a photo (FileUpload) or pick a catalogue image (Dropdown), see thumbnails with labels and distances,
+and "search from this" under each result. In an interactive kernel the model is loaded as the page opens,
+behind a progress bar. An upload whose nearest distance is beyond the catalogue's own nearest-neighbour
+distances (:meth:`cbir.gallery.RunVectors.no_match_threshold`) gets a "no close match" warning
+(class ``cbir-warning``); a bad upload a message in class ``cbir-error``. Image paths that moved with the
+outputs folder are found again (:func:`cbir.gallery.relocate_paths`).
 
-Environment overrides (Voila cannot inject papermill parameters): ``CBIR_STORE``, ``CBIR_CATALOG``,
-``CBIR_OUT_DIR``, ``CBIR_MODEL``, ``CBIR_LAYER``, ``CBIR_POOLING``, ``CBIR_WEIGHTS``, ``CBIR_K``,
-``CBIR_MINKOWSKI_P``, ``CBIR_RUN`` (run id or name), applied by :func:`env_overrides`.
+Voila cannot inject papermill parameters: ``CBIR_STORE``, ``CBIR_CATALOG``, ``CBIR_OUT_DIR``, ``CBIR_MODEL``,
+``CBIR_LAYER``, ``CBIR_POOLING``, ``CBIR_WEIGHTS``, ``CBIR_K``, ``CBIR_MINKOWSKI_P``, ``CBIR_RUN`` (run id or
+name) override them (:func:`env_overrides`; the README's app section lists them).
 """
 from __future__ import annotations
 
-import base64
 import functools
 import html
 import inspect
-import io
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from cbir.images import IMAGE_SUFFIXES, ImageError, decode_bytes, read_image
-from cbir.search import METRICS, ExactIndex, similarity
+from cbir.gallery import (RESULT_COLUMNS, RunVectors, card_html, distance_caption, image_uri,
+                          thumbnail_uri)
+from cbir.images import IMAGE_SUFFIXES, ImageError, decode_bytes
+from cbir.runs import features_label
+from cbir.search import METRICS
 from cbir.store import FeatureStore, StoreError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """Uploads larger than this (10 MiB) are refused before decoding."""
 UPLOAD_SUFFIXES = IMAGE_SUFFIXES
-RESULT_COLUMNS = ["rank", "image_id", "category", "subcategory", "distance", "similarity", "path"]
 ENV_PREFIX = "CBIR_"
 _PATH_KEYS = ("store", "catalog", "out_dir", "weights")
 _ENV_KEYS = ("store", "catalog", "out_dir", "model", "layer", "pooling", "weights", "k", "minkowski_p", "run")
@@ -235,29 +241,43 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def cached_extractor(kwargs: Mapping[str, Any]) -> Any:
-    """``build_extractor(**kwargs)``, built once per process for the same arguments."""
-    return _build_extractor(tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
+    """``build_extractor(**kwargs)``, built once per process for the same arguments (one build at a time, so
+    the preloading thread and an early search never build the same model twice)."""
+    with _BUILD_LOCK:
+        return _build_extractor(tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
 
 
-@functools.lru_cache(maxsize=512)
-def thumbnail_uri(path: str, *, size: int = 128) -> str:
-    """A ``data:image/jpeg;base64,...`` thumbnail (longest side ``size`` px) of an image file ('' if unreadable)."""
-    try:
-        return image_uri(read_image(path), size=size)
-    except ImageError:
-        return ""
+def interactive_kernel(environ: Mapping[str, str] | None = None) -> bool:
+    """True in a kernel that serves a person: Voila (``VOILA_BASE_URL``, ``SERVER_SOFTWARE=voila/...``) or a
+    Jupyter server session (``JPY_SESSION_NAME``); False in batch runs (papermill, nbconvert, nbval), where
+    nobody uploads and loading the model would only cost time."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("VOILA_BASE_URL") or str(environ.get("SERVER_SOFTWARE", "")).startswith("voila")
+                or environ.get("JPY_SESSION_NAME"))
 
 
-def image_uri(image: np.ndarray, *, size: int = 128) -> str:
-    """A JPEG data URI of an HxWx3 uint8 image scaled so its longest side is ``size`` px."""
-    from PIL import Image
+def catalogue_bases(store_path: str | os.PathLike, *, catalog: str | os.PathLike | None = None,
+                    out_dir: str | os.PathLike | None = None,
+                    catalog_root: str | os.PathLike | None = None) -> list[Path]:
+    """Folders where moved images are looked for (:func:`cbir.gallery.relocate_paths`), most specific first:
+    ``catalog_root``, the catalogue ``catalog`` names (its folder), ``out_dir``, the store's folder and up to
+    three of its parents."""
+    bases: list[Path] = []
+    if catalog_root is not None:
+        bases.append(Path(catalog_root).expanduser())
+    if catalog is not None and str(catalog) != "demo":
+        spec = Path(catalog).expanduser()
+        bases.append(spec if spec.is_dir() else spec.parent)
+    if out_dir is not None:
+        bases.append(Path(out_dir).expanduser())
+    folder = Path(store_path).expanduser().absolute().parent
+    bases += [folder, *list(folder.parents)[:3]]
+    return list(dict.fromkeys(bases))
 
-    pil = Image.fromarray(image)
-    pil.thumbnail((size, size))
-    buffer = io.BytesIO()
-    pil.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class VisualSearchApp:
@@ -265,41 +285,45 @@ class VisualSearchApp:
 
     ``store``: a FeatureStore or its path. ``run``: run id or name to start with (default: the latest
     complete run matching ``model``/``pooling``/``weights``, else the latest complete run). ``metric``:
-    one of ``metrics`` (default cosine), ``k`` results, ``minkowski_p`` for minkowski. ``weights``: the weights
-    file, for runs made from one. ``catalog`` (``"demo"`` resolved under ``out_dir``): read for labels only
-    when the store has no catalogue.
+    one of ``metrics`` (default cosine), ``k`` results (1 to ``max_k``), ``minkowski_p`` for minkowski.
+    ``weights``: the weights file, for runs made from one. ``catalog`` (``"demo"`` resolved under ``out_dir``):
+    read for labels only when the store has no catalogue; with ``catalog_root`` and ``out_dir`` it also tells
+    where to look for images whose stored paths moved (:func:`catalogue_bases`).
     A missing store does not raise: ``problem`` says what is wrong and the widget shows it.
-    ``controls``: the widgets by role (``run, metric, upload, pick, message, query, results``) once
-    :meth:`widget` has built them.
+    ``controls``: the widgets by role (``run, run_info, metric, k, upload, pick, loading, progress, message,
+    query, results``) once :meth:`widget` has built them; ``buttons`` the "search from this" buttons of the
+    results on display and ``shown`` their rows.
     """
 
     def __init__(self, store: FeatureStore | str | os.PathLike, *, run: int | str | None = None,
                  metric: str | None = None, k: int = 5, minkowski_p: float = 3, model: str | None = None,
                  layer: str | None = None, pooling: str | None = None, weights: str | None = "imagenet",
                  catalog: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-                 metrics: list[str] | None = None, max_bytes: int = MAX_UPLOAD_BYTES,
-                 thumb_size: int = 128) -> None:
+                 catalog_root: str | os.PathLike | None = None, metrics: list[str] | None = None,
+                 max_bytes: int = MAX_UPLOAD_BYTES, thumb_size: int = 128, max_k: int = 50) -> None:
         self.metrics = tuple(metrics or METRICS)
         metric = metric or ("cosine" if "cosine" in self.metrics else self.metrics[0])
         if metric not in self.metrics:
             raise ValueError(f"metric {metric!r} is not one of {', '.join(self.metrics)}")
-        self.metric, self.k, self.minkowski_p = metric, int(k), minkowski_p
+        self.metric, self.k, self.max_k, self.minkowski_p = metric, int(k), int(max_k), minkowski_p
         self.weights, self.max_bytes, self.thumb_size = weights, int(max_bytes), int(thumb_size)
-        self.catalog_spec, self.out_dir = catalog, out_dir
+        self.catalog_spec, self.out_dir, self.catalog_root = catalog, out_dir, catalog_root
         self.problem: str | None = None
         self.store: FeatureStore | None = None
         self.run_id: int | None = None
-        self._labels = pd.DataFrame(columns=["image_id", "category", "subcategory", "path"])
-        self._features: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._indexes: dict[tuple[int, str, float], Any] = {}
+        self._vectors: dict[int, RunVectors] = {}
+        self._lock = threading.RLock()
         self.controls: dict[str, Any] = {}
+        self.buttons: list[Any] = []
+        self.shown = pd.DataFrame(columns=RESULT_COLUMNS)
+        self.preload_thread: threading.Thread | None = None
         self._last_query: tuple[str, Any] | None = None
         self._updating = False
         if isinstance(store, FeatureStore):
             self.store = store
         elif not Path(store).is_file():
             self.problem = (f"No feature store at {store}: run `make demo` (or `cbir run params/demo.yaml`) "
-                            f"first, or set CBIR_STORE to a store with features")
+                            f"first, or start the app with another store (see the README)")
             return
         else:
             try:  # the app only reads: a store on read-only storage works too
@@ -332,7 +356,25 @@ class VisualSearchApp:
         for col in ("category", "subcategory", "path"):
             if col not in labels.columns:
                 labels[col] = ""
-        return labels.set_index(labels["image_id"].astype(str), drop=False)
+        return labels
+
+    def bases(self) -> list[Path]:
+        """Where moved images are looked for (:func:`catalogue_bases`)."""
+        return catalogue_bases(self.store.path, catalog=self.catalog_spec, out_dir=self.out_dir,
+                               catalog_root=self.catalog_root)
+
+    def vectors(self, run_id: int | None = None) -> RunVectors:
+        """The run's vectors, labels (paths relocated when the outputs folder moved) and indexes; built once."""
+        run_id = self.run_id if run_id is None else int(run_id)
+        with self._lock:
+            if run_id not in self._vectors:
+                self._vectors[run_id] = RunVectors(self.store, run_id, searchable="all", bases=self.bases(),
+                                                   p=float(self.minkowski_p), labels=self._load_labels(run_id))
+            return self._vectors[run_id]
+
+    @property
+    def _labels(self) -> pd.DataFrame:
+        return self.vectors().labels
 
     def runs(self) -> pd.DataFrame:
         """Runs that can be searched: complete, with features, of the original images."""
@@ -376,7 +418,7 @@ class VisualSearchApp:
         if int(run_id) not in set(self.runs()["run_id"].astype(int)):
             raise ValueError(f"run {run_id} is not a complete run with features in {self.store.path}")
         self.run_id = int(run_id)
-        self._labels = self._load_labels(self.run_id)
+        self.vectors()
 
     def run_info(self, run_id: int | None = None) -> dict[str, Any]:
         """The stored run record (model, layer, pooling, weights, dim, params = identity, ...)."""
@@ -384,10 +426,8 @@ class VisualSearchApp:
 
     def features(self, run_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(ids[N], X[N, D] float32)`` of a run, read once and cached."""
-        run_id = self.run_id if run_id is None else int(run_id)
-        if run_id not in self._features:
-            self._features[run_id] = self.store.features(run_id)
-        return self._features[run_id]
+        vectors = self.vectors(run_id)
+        return vectors.ids, vectors.X
 
     def extractor(self, run_id: int | None = None) -> Any:
         """The run's extractor, rebuilt from its stored identity (cached per process, weights checked)."""
@@ -411,62 +451,52 @@ class VisualSearchApp:
     # -- search -------------------------------------------------------------------------------
     def index(self, metric: str | None = None) -> Any:
         """The exact k-NN index (:class:`cbir.search.ExactIndex`) of the current run for ``metric``, cached."""
-        key = (self.run_id, metric or self.metric, float(self.minkowski_p))
-        if key not in self._indexes:
-            self._indexes[key] = ExactIndex(self.features()[1], key[1], p=key[2])
-        return self._indexes[key]
-
-    def _neighbours(self, query: np.ndarray, *, exclude: set[str] = frozenset(), metric: str | None = None,
-                    k: int | None = None) -> pd.DataFrame:
-        metric = metric or self.metric
-        k = int(k or self.k)
-        ids, _ = self.features()
-        n = min(len(ids), k + len(exclude))
-        dist, idx = self.index(metric).search(query, n)
-        dist, idx = np.asarray(dist)[0], np.asarray(idx)[0]
-        keep = ~np.isin(ids[idx], np.array(sorted(exclude), dtype=str)) if exclude else np.ones(len(idx), bool)
-        dist, idx = dist[keep][:k], idx[keep][:k]
-        found = ids[idx]
-        labels = self._labels.reindex(found)
-        return pd.DataFrame({
-            "rank": np.arange(1, len(found) + 1),
-            "image_id": found,
-            "category": labels["category"].to_numpy(dtype=object),
-            "subcategory": labels["subcategory"].to_numpy(dtype=object),
-            "distance": dist.astype(np.float64),
-            "similarity": similarity(metric, dist),
-            "path": labels["path"].to_numpy(dtype=object),
-        }, columns=RESULT_COLUMNS)
+        return self.vectors().index(metric or self.metric)
 
     def search_bytes(self, data: bytes | memoryview, name: str, mime: str | None = None, *,
                      metric: str | None = None, k: int | None = None) -> pd.DataFrame:
         """Top-k catalogue images for an uploaded photo: ``rank, image_id, category, subcategory,
         distance, similarity, path``. Raises :class:`UploadError` for a bad upload."""
         self._require_ready()
-        return self._neighbours(self.embed_bytes(data, name, mime), metric=metric, k=k)
+        return self.vectors().search_vector(self.embed_bytes(data, name, mime), metric=metric or self.metric,
+                                            k=int(k or self.k))
 
     def search_catalog_image(self, image_id: str, *, metric: str | None = None,
                              k: int | None = None) -> pd.DataFrame:
         """Top-k for a stored image (its stored vector), leaving out itself and its byte-identical copies."""
         self._require_ready()
-        ids, X = self.features()
-        where = np.flatnonzero(ids == str(image_id))
-        if where.size == 0:
-            raise KeyError(f"image {image_id!r} has no vector in run {self.run_id}")
-        exclude = {str(image_id)}
-        if "dup_group" in self._labels.columns and str(image_id) in self._labels.index:
-            group = self._labels.at[str(image_id), "dup_group"]
-            if isinstance(group, str) and group:
-                exclude |= set(self._labels.index[self._labels["dup_group"] == group])
-        return self._neighbours(X[where[:1]], exclude=exclude, metric=metric, k=k)
+        return self.vectors().search_image(str(image_id), metric=metric or self.metric, k=int(k or self.k))
+
+    def no_match_threshold(self, metric: str | None = None) -> float:
+        """The distance beyond which an upload has no close match in the current run under ``metric``: the 99th
+        percentile of the catalogue images' distances to their own nearest neighbour (computed once)."""
+        with self._lock:
+            return self.vectors().no_match_threshold(metric or self.metric)
+
+    def no_match_warning(self, found: pd.DataFrame, *, metric: str | None = None) -> str | None:
+        """The "no close match" text when the nearest result of an upload is farther than
+        :meth:`no_match_threshold`; None when it is within it (or there is no result)."""
+        if found.empty:
+            return None
+        metric = metric or self.metric
+        threshold, nearest = self.no_match_threshold(metric), float(found["distance"].iloc[0])
+        if not np.isfinite(threshold) or nearest <= threshold:
+            return None
+        return (f"No close match: the nearest catalogue image is at {metric} distance {nearest:.3f}, while 99% of "
+                f"the catalogue's images have a neighbour within {threshold:.3f}. The photo probably shows "
+                f"something this catalogue does not hold; the results below are only the least far.")
 
     def _require_ready(self) -> None:
         if self.problem is not None:
             raise RuntimeError(self.problem)
 
     # -- widgets ------------------------------------------------------------------------------
-    def widget(self) -> Any:
-        """The ipywidgets UI (a VBox); shows ``problem`` instead when there is nothing to search."""
+    def widget(self, *, preload: bool | None = None, background: bool = True) -> Any:
+        """The ipywidgets UI (a VBox); shows ``problem`` instead when there is nothing to search.
+
+        ``preload`` (default: in an interactive kernel, :func:`interactive_kernel`) loads the run's vectors,
+        its model and the no-match threshold now, behind a progress bar, in a thread when ``background``,
+        so the first upload does not wait for the model."""
         import ipywidgets as w
 
         message = w.HTML(layout=w.Layout(min_height="1.5em"))
@@ -478,44 +508,118 @@ class VisualSearchApp:
             box.add_class("cbir-app")
             return box
         runs = self.runs()
+        wide = {"description_width": "5em"}
         run_pick = w.Dropdown(options=[(self._run_label(r), int(r.run_id)) for r in runs.itertuples()],
-                              value=self.run_id, description="Run", layout=w.Layout(width="36em"))
-        metric_pick = w.Dropdown(options=list(self.metrics), value=self.metric, description="Measure")
-        upload = w.FileUpload(accept=",".join(UPLOAD_SUFFIXES), multiple=False,
-                              description="Upload a photo")
+                              value=self.run_id, description="Run", style=wide,
+                              layout=w.Layout(width="100%", max_width="64em"))
+        run_info = w.HTML(layout=w.Layout(margin="0 0 4px 5.5em"))
+        metric_pick = w.Dropdown(options=list(self.metrics), value=self.metric, description="Measure", style=wide,
+                                 layout=w.Layout(width="20em"))
+        k_pick = w.BoundedIntText(value=min(self.k, self.max_k), min=1, max=self.max_k, description="Results (k)",
+                                  style={"description_width": "6.5em"}, layout=w.Layout(width="11em"))
+        upload = w.FileUpload(accept=",".join(UPLOAD_SUFFIXES), multiple=False, description="Upload a photo",
+                              layout=w.Layout(width="13em"))
         image_pick = w.Dropdown(options=self._image_options(), value=None, description="or pick",
-                                layout=w.Layout(width="36em"))
+                                style={"description_width": "4em"}, layout=w.Layout(width="100%", max_width="40em"))
+        progress = w.IntProgress(value=0, min=0, max=3, bar_style="info", layout=w.Layout(width="16em"))
+        loading_text = w.HTML()
+        loading = w.HBox([progress, loading_text], layout=w.Layout(display="none", align_items="center"))
         query = w.HTML()
-        results = w.HTML()
+        results = w.Box(layout=w.Layout(display="flex", flex_flow="row wrap", align_items="flex-start"))
         for widget, css in ((upload, "cbir-upload"), (image_pick, "cbir-pick"), (run_pick, "cbir-run"),
-                            (metric_pick, "cbir-metric"), (query, "cbir-query-box"), (results, "cbir-results-box")):
+                            (run_info, "cbir-run-info"), (metric_pick, "cbir-metric"), (k_pick, "cbir-k"),
+                            (loading, "cbir-loading"), (query, "cbir-query-box"), (results, "cbir-results-box")):
             widget.add_class(css)
-        self.controls.update(run=run_pick, metric=metric_pick, upload=upload, pick=image_pick, query=query,
-                             results=results)
+        self.controls.update(run=run_pick, run_info=run_info, metric=metric_pick, k=k_pick, upload=upload,
+                             pick=image_pick, loading=loading, progress=progress, loading_text=loading_text,
+                             query=query, results=results)
+        self._show_run_info()
         upload.observe(self._on_upload, names="value")
         image_pick.observe(self._on_pick, names="value")
-        run_pick.observe(self._on_settings, names="value")
-        metric_pick.observe(self._on_settings, names="value")
-        self._show_message(f"{len(self.features()[0])} catalogue images in run {self.run_id}: upload a photo "
-                           f"or pick one")
-        box = w.VBox([w.HBox([run_pick, metric_pick]), w.HBox([upload, image_pick]), message, query, results])
+        for control in (run_pick, metric_pick, k_pick):
+            control.observe(self._on_settings, names="value")
+        box = w.VBox([run_pick, run_info, w.HBox([metric_pick, k_pick], layout=w.Layout(flex_flow="row wrap")),
+                      w.HBox([upload, image_pick], layout=w.Layout(flex_flow="row wrap", width="100%")),
+                      loading, message, query, results])
         box.add_class("cbir-app")
+        self._preload = interactive_kernel() if preload is None else bool(preload)
+        self._background = bool(background)
+        if self._preload:
+            self.preload(background=self._background)
+        else:
+            self._show_ready()
         return box
 
+    def preload(self, *, background: bool = True) -> threading.Thread | None:
+        """Load the current run's vectors, model and no-match threshold behind the progress bar (the upload
+        button is disabled meanwhile); in a daemon thread when ``background`` (returned; see :meth:`wait_ready`)."""
+        c = self.controls
+        run_id, model = self.run_id, self.run_info()["model"]
+        steps = [("reading the run's vectors", lambda: self.vectors(run_id)),
+                 (f"loading the model ({model})", lambda: self.extractor(run_id)),
+                 ("calibrating the no-match warning", lambda: self.no_match_threshold())]
+        c["upload"].disabled = True
+        c["progress"].value = 0
+        c["loading"].layout.display = "flex"
+
+        def work() -> None:
+            failed = None
+            try:
+                for i, (text, step) in enumerate(steps):
+                    c["progress"].value = i
+                    c["loading_text"].value = (f'<span style="margin-left:8px">Getting ready: {html.escape(text)} '
+                                               f'... (step {i + 1} of {len(steps)})</span>')
+                    step()
+                c["progress"].value = len(steps)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, who may still pick catalogue images
+                failed = f"Could not load the model of run {run_id}: {type(exc).__name__}: {exc}"
+            finally:
+                c["loading"].layout.display = "none"
+                c["upload"].disabled = False
+            if failed:
+                self._show_error(failed)
+            elif self._last_query is None:
+                self._show_ready()
+
+        if not background:
+            work()
+            return None
+        self.preload_thread = threading.Thread(target=work, name="cbir-preload", daemon=True)
+        self.preload_thread.start()
+        return self.preload_thread
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for a background :meth:`preload`; True when it has finished."""
+        thread = self.preload_thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    def _show_ready(self) -> None:
+        self._show_message(f"{len(self.features()[0])} catalogue images in run {self.run_id}: upload a photo "
+                           f"or pick one")
+
     def _run_label(self, run: Any) -> str:
-        parts = [str(x) for x in (run.model, run.layer, run.pooling) if isinstance(x, str) and x]
         name = f"{run.name} · " if isinstance(run.name, str) and run.name else ""
-        return f"run {run.run_id}: {name}{'/'.join(parts)} · {run.weights} · {int(run.n_features)} images"
+        return f"run {run.run_id}: {name}{features_label(run.model, run.layer, run.pooling, weights=run.weights)}"
+
+    def _show_run_info(self) -> None:
+        run = self.run_info()
+        text = (f"{run['model']} · layer {run['layer'] or '-'} · pooling {run['pooling'] or 'none'} · weights "
+                f"{run['weights']} · {run['dim']}-d vectors · {run['n_features']} images")
+        self.controls["run_info"].value = f'<span style="font-size:12px;color:#555">{html.escape(text)}</span>'
 
     def _image_options(self) -> list[tuple[str, str]]:
-        ids = self.features()[0]
-        labels = self._labels.reindex(ids)
-        text = [f"{i} · {s} ({c})" for i, s, c in zip(ids, labels["subcategory"], labels["category"])]
-        order = np.lexsort((ids, labels["subcategory"].astype(str).to_numpy()))
-        return [(text[j], str(ids[j])) for j in order]
+        return self.vectors().image_options(mark_queries=False)
 
     def _show_message(self, text: str) -> None:
         self.controls["message"].value = f'<div class="cbir-info">{html.escape(text)}</div>'
+
+    def _show_warning(self, text: str) -> None:
+        self.controls["message"].value = (f'<div class="cbir-warning" style="color:#8a4b00;background:#fff4e0;'
+                                          f'border-left:4px solid #e69500;padding:4px 8px;font-weight:bold">'
+                                          f'{html.escape(text)}</div>')
 
     def _show_error(self, text: str) -> None:
         self.controls["message"].value = (f'<div class="cbir-error" style="color:#b00020;font-weight:bold">'
@@ -536,11 +640,23 @@ class VisualSearchApp:
         self._last_query = ("image", change["new"])
         self._run_query()
 
+    def search_from(self, image_id: str) -> None:
+        """Search from a result (its "search from this" button): the catalogue image becomes the query."""
+        self._last_query = ("image", str(image_id))
+        self._updating = True
+        try:
+            self.controls["pick"].value = str(image_id)
+        finally:
+            self._updating = False
+        self._run_query()
+
     def _on_settings(self, change: Mapping[str, Any]) -> None:
         run_changed = self.controls["run"].value != self.run_id
         self.select_run(self.controls["run"].value)
         self.metric = self.controls["metric"].value
+        self.k = int(self.controls["k"].value)
         if run_changed:  # another run may cover other images: refresh the picker, keep a picked image
+            self._show_run_info()
             picked = self._last_query[1] if self._last_query and self._last_query[0] == "image" else None
             self._updating = True
             try:
@@ -550,24 +666,33 @@ class VisualSearchApp:
                 self._updating = False
             if picked is not None and self.controls["pick"].value is None:
                 self._last_query = None
+            if getattr(self, "_preload", False):
+                self.preload(background=self._background)
         if self._last_query is not None:
             self._run_query()
 
     def _run_query(self) -> None:
         kind, item = self._last_query
-        self.controls["results"].value = ""
+        self.controls["results"].children, self.buttons = (), []
+        self.shown = pd.DataFrame(columns=RESULT_COLUMNS)
         self._show_message("Searching ...")
+        warning, query_label = None, None
         try:
             if kind == "upload":
                 name, data = str(item["name"]), item["content"]
                 found = self.search_bytes(data, name, item.get("type") or None)
                 image = validate_upload(data, name, item.get("type") or None, max_bytes=self.max_bytes)
-                query_html = self._card(image_uri(image, size=self.thumb_size), name, "your photo", "", "cbir-query")
+                query_html = card_html(image_id=name, uri=image_uri(image, size=self.thumb_size), label="your photo",
+                                       role="query", thumb=self.thumb_size)
+                warning = self.no_match_warning(found)
             else:
                 found = self.search_catalog_image(item)
-                row = self._labels.loc[item] if item in self._labels.index else {}
-                query_html = self._card(thumbnail_uri(str(row.get("path", "")), size=self.thumb_size), item,
-                                        str(row.get("subcategory", "")), str(row.get("category", "")), "cbir-query")
+                row = self._labels.loc[item] if item in self._labels.index else pd.Series(dtype=object)
+                query_label = row.get("subcategory")
+                query_html = card_html(image_id=str(item), uri=thumbnail_uri(str(row.get("path", "")),
+                                                                             size=self.thumb_size),
+                                       label=str(row.get("subcategory", "")), category=str(row.get("category", "")),
+                                       role="query", thumb=self.thumb_size)
         except (UploadError, ImageError) as exc:
             self.controls["query"].value = ""
             self._show_error(str(exc))
@@ -576,22 +701,40 @@ class VisualSearchApp:
             self.controls["query"].value = ""
             self._show_error(f"Search failed: {type(exc).__name__}: {exc}")
             return
-        self.controls["query"].value = f'<div class="cbir-query-row"><b>Query</b>{query_html}</div>'
-        self.controls["results"].value = self.results_html(found)
-        self._show_message(f"Top {len(found)} by {self.metric} distance in run {self.run_id}")
+        self.controls["query"].value = (f'<div class="cbir-query-row"><b>Query</b><br>{query_html}</div>'
+                                        f'<div><b>Nearest first</b> (click "search from this" to search from a '
+                                        f'result)</div>')
+        self._show_results(found, query_label)
+        if warning:
+            self._show_warning(warning)
+        else:
+            self._show_message(f"Top {len(found)} by {self.metric} distance in run {self.run_id}")
 
-    def _card(self, uri: str, title: str, label: str, category: str, css: str, extra: str = "") -> str:
-        img = f'<img src="{uri}" alt="{html.escape(title)}" style="max-width:{self.thumb_size}px">' if uri else ""
-        return (f'<div class="{css}" style="display:inline-block;margin:6px;text-align:center;vertical-align:top">'
-                f'{img}<div class="cbir-label"><b>{html.escape(label)}</b></div>'
-                f'<div class="cbir-category">{html.escape(category)}</div>'
-                f'<div class="cbir-id" style="color:#666">{html.escape(title)}</div>{extra}</div>')
+    def _show_results(self, found: pd.DataFrame, query_label: Any = None) -> None:
+        import ipywidgets as w
+
+        cards, buttons = [], []
+        for row, card in zip(found.itertuples(index=False), self._result_cards(found, query_label)):
+            button = w.Button(description="search from this", tooltip=f"search from {row.image_id}",
+                              layout=w.Layout(width=f"{self.thumb_size + 16}px", margin="0 3px 6px 3px"))
+            button.add_class("cbir-search-from")
+            button.on_click(lambda _, image_id=str(row.image_id): self.search_from(image_id))
+            buttons.append(button)
+            cards.append(w.VBox([w.HTML(card), button], layout=w.Layout(width="auto")))
+        self.controls["results"].children, self.buttons, self.shown = tuple(cards), buttons, found
+
+    def _result_cards(self, found: pd.DataFrame, query_label: Any = None) -> list[str]:
+        return [card_html(image_id=str(r.image_id), uri=thumbnail_uri(str(r.path), size=self.thumb_size),
+                          label=str(r.subcategory), category=str(r.category),
+                          caption=distance_caption(r.rank, r.distance),
+                          match=None if query_label is None else r.subcategory == query_label, thumb=self.thumb_size)
+                for r in found.itertuples(index=False)]
 
     def results_html(self, found: pd.DataFrame) -> str:
         """HTML cards (class ``cbir-result``) with thumbnail, sub-category, category, id and distance."""
-        cards = []
-        for row in found.itertuples():
-            extra = f'<div class="cbir-distance">#{row.rank} · d = {row.distance:.3f}</div>'
-            cards.append(self._card(thumbnail_uri(str(row.path), size=self.thumb_size), str(row.image_id),
-                                    str(row.subcategory), str(row.category), "cbir-result", extra))
-        return f'<div class="cbir-results">{"".join(cards)}</div>'
+        return f'<div class="cbir-results">{"".join(self._result_cards(found))}</div>'
+
+    def shown_html(self) -> str:
+        """The result cards on display, as one HTML string."""
+        results = self.controls.get("results")
+        return "" if results is None else "".join(box.children[0].value for box in results.children)

@@ -131,3 +131,167 @@ def test_retrieval_figures(neighbours, catalog, tmp_path):
     assert len(fig.axes[0].texts) == conf.size
     for name in ("heat", "pr", "rank", "conf"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ the neighbour browser over a run's vectors
+@pytest.fixture(scope="module")
+def run_store(tmp_path_factory):
+    """36 demo images (4 queries) + a byte-identical copy of a catalogue image; colour histograms in a store."""
+    import shutil
+
+    from cbir.backbones import build_extractor
+    from cbir.catalog import load_catalog, split_queries
+    from cbir.datasets import make_demo_catalog
+    from cbir.extract import extract_features
+    from cbir.store import FeatureStore
+
+    root = tmp_path_factory.mktemp("browse")
+    manifest = make_demo_catalog(root / "demo", n=36, seed=3)
+    table = pd.read_csv(manifest)
+    shutil.copy(manifest.parent / table.at[1, "image"], manifest.parent / "images" / "copy.jpg")
+    pd.concat([table, table.iloc[[1]].assign(image="images/copy.jpg", product_id=999999)]).to_csv(manifest,
+                                                                                                  index=False)
+    catalog = split_queries(load_catalog(manifest).usable(), n_queries=4, seed=0)
+    store = FeatureStore(root / "features.sqlite")
+    hist = extract_features(catalog, model=build_extractor("color_hist", bins=8), store=store, progress=False,
+                            workers=0)
+    lbp = extract_features(catalog, model=build_extractor("lbp", points=8, radius=1), store=store, progress=False,
+                           workers=0)
+    return store, hist, lbp, catalog.df.set_index("image_id")
+
+
+def _scipy_top(store, run_id, query, metric, k, exclude, searchable):
+    from scipy.spatial.distance import cdist
+
+    ids, X = store.features(run_id)
+    keep = np.array([i in searchable and i not in exclude for i in ids])
+    name = {"manhattan": "cityblock"}.get(metric, metric)
+    d = cdist(X[list(ids).index(query)][None].astype(np.float64), X[keep].astype(np.float64), name,
+              **({"p": 3} if metric == "minkowski" else {}))[0]
+    order = np.argsort(d, kind="stable")[:k]
+    return list(ids[keep][order]), d[order]
+
+
+def test_run_vectors_search_from_any_catalogue_image(run_store):
+    from cbir.gallery import RunVectors
+    from cbir.search import search
+
+    store, hist, _, cat = run_store
+    queries = set(cat.index[cat["split"] == "query"])
+    searchable = set(cat.index) - queries
+    rv = RunVectors(store, hist, searchable="catalog")
+    assert set(rv.catalog_ids) == searchable and rv.label == "run 1: color_hist"
+    copy = cat.index[cat["path"].str.endswith("copy.jpg")][0]
+    original = cat.at[copy, "dup_group"]
+    assert rv.excluded(original) == {original, copy}
+    ids, X = store.features(hist)
+    for metric in ("cosine", "chebyshev", "minkowski"):
+        q = sorted(queries)[0]  # a query: the same neighbours as notebook 02's search (cbir.search.search)
+        found = rv.search_image(q, metric=metric, k=5)
+        cat_ids = np.array(sorted(searchable, key=list(ids).index))
+        ref = search(cat_ids, store.features(hist, cat_ids)[1], [q], X[[list(ids).index(q)]], metric=metric, k=5,
+                     dup_groups=cat["dup_group"].dropna())
+        assert found["image_id"].tolist() == ref["neighbour_id"].tolist()
+        np.testing.assert_allclose(found["distance"], ref["distance"], rtol=1e-12)
+        # a catalogue image (not a query): itself and its byte-identical copy are left out
+        found = rv.search_image(original, metric=metric, k=6)
+        want_ids, want_d = _scipy_top(store, hist, original, metric, 6, {original, copy}, searchable)
+        assert found["image_id"].tolist() == want_ids and found["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+        np.testing.assert_allclose(found["distance"], want_d, rtol=1e-5, atol=1e-7)
+        assert found["subcategory"].tolist() == cat.loc[want_ids, "subcategory"].tolist()
+    with pytest.raises(KeyError, match="has no vector in run 1"):
+        rv.search_image("nope", metric="cosine")
+
+
+def test_relocate_paths_finds_a_moved_catalogue(tmp_path):
+    from cbir.gallery import relocate_paths
+
+    old = tmp_path / "old" / "outputs" / "demo" / "demo_catalog"
+    new = tmp_path / "new" / "demo" / "demo_catalog"
+    (new / "images").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        (new / "images" / name).write_bytes(b"x")
+    (new / "c.jpg").write_bytes(b"x")
+    paths = pd.Series([str(old / "images" / "a.jpg"), str(old / "images" / "b.jpg"), str(old / "c.jpg"), None])
+    got = relocate_paths(paths, bases=[tmp_path / "nowhere", tmp_path / "new" / "demo"])
+    assert got[:3].tolist() == [str(new / "images" / "a.jpg"), str(new / "images" / "b.jpg"), str(new / "c.jpg")]
+    assert pd.isna(got[3])  # no path stays no path
+    assert relocate_paths(paths, bases=[new])[:3].tolist() == got[:3].tolist()  # the catalogue root itself
+    assert relocate_paths(paths, bases=[tmp_path / "nowhere"])[:3].tolist() == paths[:3].tolist()  # not found
+    assert relocate_paths(got, bases=[])[:3].tolist() == got[:3].tolist()  # present: unchanged
+
+
+def _card_ids(pane) -> list[str]:
+    return [box.children[0].value.split('data-id="')[1].split('"')[0] for box in pane.cards.children]
+
+
+def test_browser_click_k_compare_mistakes_and_back(run_store):
+    from cbir.gallery import NeighbourBrowser, RunVectors
+
+    store, hist, lbp, cat = run_store
+    runs = [RunVectors(store, hist, searchable="catalog"), RunVectors(store, lbp, searchable="catalog")]
+    b = NeighbourBrowser(runs, metrics=["euclidean", "cosine", "chebyshev"], k=4)
+    first_query = [i for i in runs[0].ids if cat.at[i, "split"] == "query"][0]
+    assert b.image.value == first_query and len(b.image.options) == len(cat)  # every image, queries marked
+    assert sum(label.endswith(" · query") for label, _ in b.image.options) == 4
+    a, other = b.panes
+    assert a.metric.value == "cosine" and other.layout.display == "none" and b.back.disabled
+    assert _card_ids(a) == a.shown["image_id"].tolist() and len(a.buttons) == 4
+    card = a.cards.children[0].children[0].value  # id, labels and distance on every thumbnail
+    row = a.shown.iloc[0]
+    assert (f'<div class="cbir-label"><b>{row.subcategory}</b></div><div class="cbir-category">{row.category}</div>'
+            in card and f">{row.image_id}</div>" in card and f"#1 · d = {row.distance:.3f}" in card)
+    target = a.shown["image_id"].iloc[1]
+    a.buttons[1].click()  # search from a result
+    assert b.image.value == target and not b.back.disabled
+    want, _ = _scipy_top(store, hist, target, "cosine", 4, runs[0].excluded(target), set(runs[0].catalog_ids))
+    assert _card_ids(a) == want
+    b.k.value = 7
+    assert len(a.shown) == 7 and _card_ids(a) == _scipy_top(store, hist, target, "cosine", 7, {target},
+                                                            set(runs[0].catalog_ids))[0]
+    b.compare.value = True  # side by side: the second pane, another run and measure
+    other.run.value, other.metric.value = lbp, "chebyshev"
+    assert other.layout.display == "flex"
+    assert _card_ids(other) == _scipy_top(store, lbp, target, "chebyshev", 7, {target}, set(runs[1].catalog_ids))[0]
+    assert "run 2: lbp</b> · chebyshev" in other.title.value
+    label = cat.at[target, "subcategory"]
+    same = (a.found["subcategory"] == label).tolist()
+    assert a.found["match"].tolist() == same and f"{sum(same)} of 7 same subcategory" in a.title.value
+    b.mistakes.value = True  # only neighbours of another sub-category, ranks kept
+    assert a.shown["image_id"].tolist() == a.found.loc[[not s for s in same], "image_id"].tolist()
+    assert (a.shown["subcategory"] != label).all() and len(a.buttons) == len(a.shown)
+    b.back.click()
+    assert b.image.value == first_query and b.back.disabled
+    b.search_from(cat.index[-1])  # any catalogue image, here the byte-identical copy
+    assert cat.index[-1] not in a.found["image_id"].tolist()
+
+
+def test_browser_leaves_a_static_rendering_for_saved_notebooks_and_html_exports(run_store, monkeypatch):
+    """Displayed, the browser emits a static HTML view of its cards, then the widget: nbconvert's HTML export
+    (which cannot draw the widget without its JavaScript) shows the grid."""
+    import IPython.display
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from cbir.gallery import neighbour_browser
+
+    store, hist, _, cat = run_store
+    b = neighbour_browser(store, hist, metrics=["cosine", "chebyshev"], k=5, compare_metric="chebyshev")
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False, **kw: shown.append((obj, raw)))
+    b._ipython_display_()
+    assert len(shown) == 2
+    snapshot, (bundle, raw) = shown[0][0].data, shown[1]
+    assert raw and bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == b.model_id
+    ids = b.panes[0].shown["image_id"].tolist() + b.panes[1].shown["image_id"].tolist()
+    assert snapshot.count('class="cbir-card cbir-result"') == 10 and snapshot.count('class="cbir-card cbir-query"') == 1
+    assert "cosine: " in snapshot and "chebyshev: " in snapshot
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("neighbour_browser(...)")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": snapshot}),
+                    nbformat.v4.new_output("display_data", data=bundle)]
+    nb.cells = [cell]
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    for image_id in ids:
+        assert f'data-id="{image_id}"' in body
+    assert body.count("data:image/jpeg;base64,") >= 11
