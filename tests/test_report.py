@@ -317,3 +317,28 @@ def test_demo_report_in_headless_chromium(demo_run, tmp_path):
     assert "0.000" not in " ".join(re.findall(r"p [=<] \S+", layout["text"]))
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
     assert (tmp_path / "report_top.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------ shared with notebooks
+def test_display_table_formats_p_values_and_explains_nothing_away():
+    from cbir.verdicts import display_table
+
+    raw = pd.DataFrame({"metric": ["cosine", "chebyshev"], "mean_diff": [0.01234, 0.0771],
+                        "p_permutation": [0.0001, 0.2449], "p_holm": [0.0004, 1.0],
+                        "original_masked": [0.2034, np.nan]})
+    shown = display_table(raw)
+    assert shown["p_holm"].tolist() == ["< 0.001", "1.000"] and shown["p_permutation"].tolist() == ["< 0.001",
+                                                                                                     "0.245"]
+    assert shown["mean_diff"].tolist() == [0.012, 0.077]
+    assert shown["original_masked"].tolist() == ["0.203", "–"]  # a missing cell is a dash, not NaN
+    assert raw["p_holm"].tolist() == [0.0004, 1.0]  # the data keeps its numbers
+
+
+def test_point_estimate_verdict_names_no_best():
+    from cbir.verdicts import point_estimate_verdict
+
+    text = point_estimate_verdict(["manhattan", "chebyshev"], [0.663, 0.715], higher=True, what="colour")
+    assert text == ("colour: 0.663 to 0.715 across 2 candidates; highest: chebyshev 0.715 (no paired test, so no "
+                    "measure is named best).")
+    assert point_estimate_verdict(["a", "b"], [0.04, 0.05], higher=False, what="cv").startswith(
+        "cv: 0.040 to 0.050 across 2 candidates; lowest: a 0.040")

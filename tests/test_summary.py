@@ -230,3 +230,86 @@ def test_paired_tests_across_runs_compare_each_runs_best_measure_on_common_queri
     assert rows.loc["c / l / gap", "p_permutation"] == pytest.approx(0.5)
     assert (rows["n_queries"] == 2).all()
     assert (rows["p_holm"] >= rows["p_permutation"]).all()
+
+
+# ------------------------------------------------------------------------- Table 15 verdicts (hand-made tables)
+def _t15_match() -> pd.DataFrame:
+    """Run 1 ("vgg") with four measures, run 2 ("res") with two; the numbers of notebook 03's demo run."""
+    rows = [(1, "vgg", "manhattan", 0.993, 0.983, 1.0), (1, "vgg", "euclidean", 0.983, 0.963, 0.997),
+            (1, "vgg", "cosine", 0.980, 0.960, 0.993), (1, "vgg", "chebyshev", 0.917, 0.873, 0.957),
+            (2, "res", "cosine", 0.900, 0.850, 0.950), (2, "res", "euclidean", 0.850, 0.800, 0.900)]
+    return pd.DataFrame([{"run_id": r, "features": f, "model": f, "weights": "imagenet", "metric": m,
+                          "category_match": v, "category_match_lo": lo, "category_match_hi": hi,
+                          "subcategory_match": v - 0.1, "subcategory_match_lo": lo - 0.1,
+                          "subcategory_match_hi": hi - 0.1} for r, f, m, v, lo, hi in rows])
+
+
+def _run_paired(p_close: float) -> pd.DataFrame:
+    """Run 1's notebook-03 paired tests (category match): manhattan against the others."""
+    return pd.DataFrame({"run_id": 1, "score": "category_match", "a_metric": "manhattan",
+                         "b_metric": ["euclidean", "cosine", "chebyshev"], "mean_diff": [0.01, 0.013, 0.077],
+                         "p_permutation": [0.2, 0.1, 0.0001], "p_holm": [p_close, p_close, 0.001]})
+
+
+_ACROSS = pd.DataFrame({"score": ["category_match"], "best_features": ["vgg"], "best_metric": ["manhattan"],
+                        "other_features": ["res"], "other_metric": ["cosine"], "mean_diff": [0.093],
+                        "p_permutation": [0.001], "p_holm": [0.002]})
+
+
+def test_table15_reports_a_tie_under_the_paired_test_as_a_tie():
+    best = sm.best_per_analysis(_t15_match(), pd.DataFrame(), pd.DataFrame(), paired=_ACROSS,
+                                run_paired=_run_paired(1.0)).set_index("analysis")
+    row = best.loc["category match"]
+    assert (row["features"], row["metric"], row["ci_lo"], row["ci_hi"]) == ("vgg", "manhattan", 0.983, 1.0)
+    assert row["verdict"] == (
+        "tie: vgg · manhattan 0.993 [0.983, 1.000] is highest but not separable from vgg · euclidean and "
+        "vgg · cosine (Holm p > 0.05); lower: vgg · chebyshev (Holm p = 0.001), res · cosine (Holm p = 0.002). "
+        "Other runs are represented by their best measure.")
+    # the sub-category level has no paired test in these tables: "highest", never "best"
+    assert best.loc["sub-category match", "verdict"].startswith("highest: vgg · manhattan 0.893")
+    assert "no paired test against vgg · euclidean, vgg · cosine, vgg · chebyshev and res · cosine" in best.loc[
+        "sub-category match", "verdict"]
+
+
+def test_table15_names_a_clear_winner_best():
+    best = sm.best_per_analysis(_t15_match(), pd.DataFrame(), pd.DataFrame(), paired=_ACROSS,
+                                run_paired=_run_paired(0.01)).set_index("analysis")
+    assert best.loc["category match", "verdict"] == (
+        "best: vgg · manhattan 0.993 [0.983, 1.000]; lower: vgg · euclidean (Holm p = 0.010), vgg · cosine "
+        "(Holm p = 0.010), vgg · chebyshev (Holm p = 0.001), res · cosine (Holm p = 0.002). "
+        "Other runs are represented by their best measure.")
+
+
+def test_table15_colour_names_no_best_and_carries_the_background_caveat():
+    """Chebyshev agrees most in colour but retrieves worst; 70% of its colour agreement is background."""
+    ct = pd.DataFrame({"run_id": 1, "features": "vgg", "model": "vgg", "weights": "imagenet",
+                       "metric": ["manhattan", "euclidean", "cosine", "chebyshev"],
+                       "color_corr_mean": [0.663, 0.676, 0.679, 0.715], "lbp_chi2_mean": [0.040, 0.039, 0.039, 0.041]})
+    roi = pd.DataFrame({"run_id": 1, "variant": "original", "metric": ["cosine", "chebyshev"], "measure": "color_corr",
+                        "original": [0.68, 0.72], "cropped": [0.22, 0.19], "difference": [-0.46, -0.53],
+                        "diff_lo": [-0.55, -0.61], "diff_hi": [-0.36, -0.42], "p_value": [0.0001, 0.0001],
+                        "original_masked": [0.20, 0.22]})
+    best = sm.best_per_analysis(_t15_match(), pd.DataFrame(), ct, roi_ablation=roi).set_index("analysis")
+    row = best.loc["colour correlation"]
+    assert row["metric"] == "chebyshev"
+    assert row["verdict"] == (
+        "mean colour correlation of query-neighbour pairs: 0.663 to 0.715 across 4 candidates; highest: chebyshev "
+        "0.715 (no paired test, so no measure is named best). Its category match is 0.917, the lowest of 4 "
+        "measures of its run.")
+    assert row["caveat"].startswith("on the product alone (ROI mask) the same pairs correlate 0.200 to 0.220 "
+                                    "instead of 0.680 to 0.720: about 70% of this agreement is the studio background")
+    assert best.loc["texture", "verdict"].startswith("mean LBP chi-square of query-neighbour pairs: 0.039 to 0.041 "
+                                                     "across 4 candidates; lowest: euclidean 0.039 (no paired test")
+    lines = sm.verdict_lines(best.reset_index())
+    assert "    caveat: on the product alone" in lines[lines.index(f"colour correlation: {row['verdict']}") + 1]
+
+
+def test_stored_paired_tests_keep_every_row_of_every_run(tmp_path):
+    st = FeatureStore(tmp_path / "s.sqlite")
+    r1, r2 = (st.start_run({"model": m}) for m in ("m1", "m2"))
+    assert sm.stored_paired_tests(st).empty
+    st.put_table("paired_tests", _run_paired(1.0).drop(columns="run_id"), run_id=r1)
+    st.put_table("paired_tests", _run_paired(0.01).drop(columns="run_id").iloc[:1], run_id=r2)
+    tests = sm.stored_paired_tests(st)
+    assert tests["run_id"].tolist() == [r1, r1, r1, r2]
+    assert tests.loc[tests["run_id"] == r1, "b_metric"].tolist() == ["euclidean", "cosine", "chebyshev"]

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cbir.ablation import ROI_MEASURES
 from cbir.descriptors import chi2_distance, color_histogram, compare_histograms, lbp_histogram
+from cbir.plots import measure_colour
 from cbir.runs import feature_label
 
 __all__ = ["plot_pair_histograms", "plot_similarity_heatmap", "plot_color_texture_heatmaps", "plot_roi_grid",
@@ -113,11 +115,12 @@ def plot_similarity_heatmap(table: pd.DataFrame, *, value: str = "mean", rows: s
     distance = "chi2" in name or "chisqr" in name or "bhattacharyya" in name
     if ax is None:
         fig = Figure(figsize=(1.1 * grid.shape[1] + 2.5, 0.5 * grid.shape[0] + 1.6), layout="constrained")
+        FigureCanvasAgg(fig)  # seaborn measures tick labels with the canvas' renderer: without one it peaks at GBs
         ax = fig.subplots()
     else:
         fig = ax.figure
     sns.heatmap(grid, ax=ax, annot=True, fmt=fmt, cmap=cmap or ("viridis" if distance else "viridis_r"),
-                cbar_kws={"label": name}, annot_kws={"fontsize": 8})
+                cbar_kws={"label": f"{name} (colours span the values' range)"}, annot_kws={"fontsize": 8})
     ax.set_title(title or f"{name} ({value}) by {rows} x {cols}", fontsize=10)
     return fig
 
@@ -192,7 +195,8 @@ _MEASURE_TITLES = {"category_match": "category match (share of top k)",
 
 def plot_roi_differences(summary: pd.DataFrame, *, title: str | None = None, tile: float = 3.2) -> Figure:
     """One panel per measure: the mean change ``cropped - original`` per metric with its 95% CI (from
-    :func:`cbir.ablation.paired_summary`); filled markers where the CI excludes 0. Returns a matplotlib Figure."""
+    :func:`cbir.ablation.paired_summary`), each metric in its colour of the shared palette
+    (:func:`cbir.plots.measure_colour`); filled markers where the CI excludes 0. Returns a matplotlib Figure."""
     measures = [m for m in ROI_MEASURES if m in set(summary["measure"])]
     if not measures:
         raise ValueError(f"summary has none of the measures {ROI_MEASURES}")
@@ -206,15 +210,19 @@ def plot_roi_differences(summary: pd.DataFrame, *, title: str | None = None, til
         sig = (lo > 0) | (hi < 0)
         ax.axvline(0, color="0.5", lw=0.8)
         ax.errorbar(d, y, xerr=np.vstack([d - lo, hi - d]), fmt="none", ecolor="0.3", capsize=3, lw=1)
-        ax.scatter(d[sig], y[sig], color="tab:blue", zorder=3, s=28, label="CI excludes 0")
-        ax.scatter(d[~sig], y[~sig], facecolor="white", edgecolor="tab:blue", zorder=3, s=28, label="CI includes 0")
+        colours = np.array([measure_colour(m) for m in metrics])
+        ax.scatter(d[sig], y[sig], color=colours[sig], zorder=3, s=28)
+        ax.scatter(d[~sig], y[~sig], facecolor="white", edgecolor=colours[~sig], linewidths=1.5, zorder=3, s=28)
         ax.set_title(_MEASURE_TITLES.get(measure, measure), fontsize=9)
         ax.set_xlabel("cropped - original", fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(y, metrics)
     axes[0].invert_yaxis()
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color="0.35", label="CI excludes 0"),
+               Line2D([], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="0.35", label="CI includes 0")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     fig.suptitle(title or "change with region-of-interest cropping (mean over queries, 95% paired bootstrap CI)",
                  fontsize=10)
     return fig

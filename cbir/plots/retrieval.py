@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cbir.plots import save_figure
+from cbir.plots import _SHADES, data_range, measure_colour, run_colour, save_figure, shade
 from cbir.search import METRICS
 
 __all__ = ["plot_match_heatmap", "plot_match_ci_heatmap", "plot_pr_curves", "plot_match_by_rank", "plot_confusion",
-           "plot_cv_folds", "plot_neighbour_grid",
+           "plot_cv_folds", "plot_neighbour_grid", "tuple_palette",
            "neighbour_cards", "thumbnail", "image_paths", "tuple_labels", "MATCH_COLOUR", "MISMATCH_COLOUR",
            "QUERY_COLOUR"]
 
@@ -40,6 +41,41 @@ def tuple_labels(df: pd.DataFrame, columns: Sequence[str] = _KEYS) -> pd.Series:
         return pd.Series("all", index=df.index)
     parts = df[varying].astype(object).where(df[varying].notna(), None)
     return parts.apply(lambda r: " / ".join(str(v) for v in r if v is not None), axis=1)
+
+
+def _run_labels(df: pd.DataFrame) -> pd.Series:
+    """The feature run of each row: ``features`` when present, else model / layer / pooling joined."""
+    if "features" in df.columns:
+        return df["features"].astype(str)
+    cols = [c for c in ("model", "layer", "pooling") if c in df.columns]
+    if not cols:
+        return pd.Series("", index=df.index)
+    parts = df[cols].astype(object).where(df[cols].notna(), None)
+    return parts.apply(lambda r: " / ".join(str(v) for v in r if v is not None), axis=1)
+
+
+def tuple_palette(df: pd.DataFrame, labels: pd.Series) -> dict[str, tuple[float, float, float, float]]:
+    """``{label: RGBA}`` for rows labelled by :func:`tuple_labels`, from the shared palette: the measure's colour
+    (:func:`cbir.plots.measure_colour`) when only measures vary, the run's (:func:`cbir.plots.run_colour`) when
+    only runs vary, else the measure's colour shaded per run."""
+    runs = _run_labels(df)
+    metric = df["metric"].astype(str) if "metric" in df.columns else None
+    many_runs = runs.nunique() > 1
+    order = list(pd.unique(runs))
+    out: dict[str, tuple[float, float, float, float]] = {}
+    for i, label in enumerate(labels.astype(str)):
+        if label in out:
+            continue
+        run = runs.iloc[i]
+        if metric is None:
+            out[label] = run_colour(run)
+        elif not many_runs:
+            out[label] = measure_colour(metric.iloc[i])
+        elif metric.nunique() == 1:
+            out[label] = run_colour(run)
+        else:
+            out[label] = shade(measure_colour(metric.iloc[i]), _SHADES[order.index(run) % len(_SHADES)])
+    return out
 
 
 def _metric_sorted(values: Sequence[str]) -> list[str]:
@@ -62,11 +98,14 @@ def plot_match_heatmap(table: pd.DataFrame, *, value: str = "category_match",
         grid = grid[_metric_sorted(grid.columns)]
     fig = Figure(figsize=(1.3 + 1.1 * grid.shape[1], 1.4 + 0.5 * grid.shape[0]), layout="constrained")
     ax = fig.subplots()
-    sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", vmin=0, vmax=100, ax=ax,
-                cbar_kws={"label": f"{value.replace('_', ' ')} (%)"})
+    vmin, vmax = data_range(grid.to_numpy(float))
+    sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax,
+                cbar_kws={"label": "% (scale: data range)"})
     ax.set_xlabel("")
     ax.set_ylabel("")
-    ax.set_title(title or f"{value.replace('_', ' ')} by model and measure (%)")
+    blank = "; blank: not evaluated" if grid.isna().to_numpy().any() else ""
+    ax.set_title((title or f"{value.replace('_', ' ')} by model and measure (%)")
+                 + f"\ncolours span {vmin:.1f} to {vmax:.1f}{blank}")
     return save_figure(fig, path)
 
 
@@ -81,7 +120,7 @@ def plot_pr_curves(pr: pd.DataFrame, *, level: str = "category", path: str | os.
     fig = Figure(figsize=(6.5, 4.5), layout="constrained")
     ax = fig.subplots()
     sns.lineplot(data=data, x="recall", y="precision", hue="tuple", marker="o", markersize=4, ax=ax,
-                 sort=False, estimator=None)
+                 sort=False, estimator=None, palette=tuple_palette(data, data["tuple"]))
     ax.set_xlim(0, None)
     ax.set_ylim(0, 1.02)
     ax.set_title(f"Precision-recall ({level}), cut-offs 1..{int(data['k'].max())}")
@@ -98,7 +137,8 @@ def plot_match_by_rank(by_rank: pd.DataFrame, *, value: str = "category_match",
     fig = Figure(figsize=(1.5 + 0.9 * data["rank"].nunique() * max(1, data["tuple"].nunique() / 3), 4),
                  layout="constrained")
     ax = fig.subplots()
-    sns.barplot(data=data, x="rank", y="pct", hue="tuple", ax=ax)
+    sns.barplot(data=data, x="rank", y="pct", hue="tuple", ax=ax, palette=tuple_palette(data, data["tuple"]),
+                saturation=1)
     ax.set_ylim(0, 100)
     ax.set_xlabel("neighbour rank")
     ax.set_ylabel(f"{value.replace('_', ' ')} (%)")
@@ -115,6 +155,7 @@ def plot_confusion(conf: pd.DataFrame, *, title: str | None = None, annot: bool 
     n = max(conf.shape)
     annot = n <= 15 if annot is None else annot
     fig = Figure(figsize=(2.5 + 0.42 * conf.shape[1], 2.0 + 0.36 * conf.shape[0]), layout="constrained")
+    FigureCanvasAgg(fig)  # seaborn measures tick labels with the canvas' renderer: without one it peaks at GBs
     ax = fig.subplots()
     sns.heatmap(conf, cmap="Blues", vmin=0, vmax=1 if conf.to_numpy().max() <= 1 else None, annot=annot,
                 fmt=".2f", ax=ax, cbar_kws={"label": "share of the query's neighbours"},
@@ -223,7 +264,7 @@ def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("cate
     rows = list(pd.unique(data["_row"]))
     cols = _metric_sorted(data["metric"])
     fig = Figure(figsize=(2.0 + 1.15 * len(cols) + 0.07 * max(len(r) for r in rows),
-                          len(values) * (1.3 + 0.55 * len(rows))), layout="constrained")
+                          len(values) * max(2.0, 1.3 + 0.55 * len(rows))), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(values), 1, sharex=True))
     for ax, value in zip(axes, values):
         grid = data.pivot_table(index="_row", columns="metric", values=value, aggfunc="first").reindex(
@@ -234,9 +275,12 @@ def plot_match_ci_heatmap(match: pd.DataFrame, *, values: Sequence[str] = ("cate
             index=rows, columns=cols) * 100
         text = np.vectorize(lambda v, a, b: "" if np.isnan(v) else f"{v:.1f}\n[{a:.1f}, {b:.1f}]")(
             grid.to_numpy(float), lo.to_numpy(float), hi.to_numpy(float))
-        sns.heatmap(grid, annot=text, fmt="", cmap="viridis", vmin=0, vmax=100, ax=ax, annot_kws={"fontsize": 8},
-                    cbar_kws={"label": "match (%)"})
-        ax.set_title(f"{value.replace('_', ' ').replace('subcategory', 'sub-category')} (%), 95% CI")
+        vmin, vmax = data_range(grid.to_numpy(float))
+        sns.heatmap(grid, annot=text, fmt="", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax, annot_kws={"fontsize": 8},
+                    cbar_kws={"label": "% (scale: data range)"})
+        blank = "; blank: not evaluated" if grid.isna().to_numpy().any() else ""
+        ax.set_title(f"{value.replace('_', ' ').replace('subcategory', 'sub-category')} (%), 95% CI; colours span "
+                     f"{vmin:.1f} to {vmax:.1f}{blank}")
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=0)
@@ -260,7 +304,8 @@ def plot_cv_folds(per_fold: pd.DataFrame, *, values: Sequence[str] = ("category_
     for ax, value in zip(axes, values):
         data = per_fold.assign(pct=per_fold[value] * 100)
         sns.boxplot(data=data, x="metric", y="pct", order=cols, color="#dddddd", showfliers=False, ax=ax)
-        sns.swarmplot(data=data, x="metric", y="pct", order=cols, color="#1f77b4", size=4, ax=ax)
+        sns.swarmplot(data=data, x="metric", y="pct", order=cols, hue="metric", hue_order=cols,
+                      palette={m: measure_colour(m) for m in cols}, size=4, ax=ax, legend=False)
         low = float(np.nanmin(data["pct"]))
         ax.set_ylim(max(0.0, np.floor(low / 10) * 10 - 5), 101)
         ax.set_xlabel("")
