@@ -1,7 +1,11 @@
-"""Shared fixtures: paths to ../shared (real data and weights), skipped cleanly when absent."""
+"""Shared fixtures: paths to ../shared (real data and weights), skipped cleanly when absent; unprivileged and
+public folders for read-only tests; one demo run shared by the slow pipeline and report tests."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,16 @@ def shared_dir():
     for p in [folder, *folder.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
     shutil.rmtree(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> dict:
+    """``cbir run params/demo.yaml`` into a temporary folder, once for the whole test session (the report tests and the pipeline test share it): stdout, stderr, out_dir."""
+    out = tmp_path_factory.mktemp("demo-report") / "demo"
+    capture = tmp_path_factory.mktemp("capture")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "cbir.cli", "run", str(REPO / "params" / "demo.yaml"),
+                           "-p", "out_dir", str(out), "-p", "store", str(out / "features.sqlite")],
+                          capture_output=True, text=True, timeout=1800, cwd=capture)
+    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "out": out,
+            "seconds": time.perf_counter() - t0}

@@ -74,9 +74,13 @@ def _check_required_tables(tables: Path, *, min_category: float, min_subcategory
     return roi
 
 
-def test_demo_pipeline(tmp_path: Path) -> None:
-    """The README's main job on the synthetic catalogue: the notebooks succeed and the metrics hold up."""
-    tables = _run(REPO / "params" / "demo.yaml", tmp_path / "demo", name="demo-test")
+def test_demo_pipeline(demo_run: dict) -> None:
+    """The README's main job on the synthetic catalogue (`cbir run params/demo.yaml`, shared with the report
+    tests): the notebooks succeed and the metrics hold up."""
+    assert demo_run["rc"] == 0, demo_run["stdout"][-3000:] + demo_run["stderr"][-3000:]
+    record = json.loads((demo_run["out"] / "run.json").read_text())
+    assert {nb["status"] for nb in record["notebooks"].values()} == {"ok"} and len(record["notebooks"]) == 8
+    tables = demo_run["out"] / "tables"
     roi = _check_required_tables(tables, min_category=0.9, min_subcategory=0.85)
     # every demo product sits on a studio background: cropping to the product must cut the colour
     # agreement between queries and their neighbours, significantly, for every measure

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -238,21 +236,6 @@ def test_an_empty_folder_still_gets_a_report(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the real demo run
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> dict:
-    """``cbir run params/demo.yaml`` into a temporary folder, once for this module: stdout, stderr, out_dir."""
-    out = tmp_path_factory.mktemp("demo-report") / "demo"
-    capture = tmp_path_factory.mktemp("capture")
-    import subprocess
-
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "cbir.cli", "run", str(REPO / "params" / "demo.yaml"),
-                           "-p", "out_dir", str(out), "-p", "store", str(out / "features.sqlite")],
-                          capture_output=True, text=True, timeout=1800, cwd=capture)
-    return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "out": out,
-            "seconds": time.perf_counter() - t0}
-
-
 @pytest.mark.slow
 def test_demo_run_prints_findings_quietly_and_writes_the_report(demo_run):
     assert demo_run["rc"] == 0, demo_run["stdout"][-3000:] + demo_run["stderr"][-3000:]
