@@ -413,7 +413,8 @@ def ensure_features(catalog: Any, *, store: FeatureStore | str | os.PathLike[str
     A no-op (apart from building the extractor, cached per process) when the run is complete.
     With ``pca_whiten`` the id of the derived run of :func:`whiten_run` instead, its PCA fitted on the
     searchable catalogue (rows whose ``split`` is not ``"query"``; every row when there is no split).
-    Other keyword arguments go to :func:`extract_features`.
+    Other keyword arguments go to :func:`extract_features` (:func:`cbir.distributed.ensure_features_cluster`
+    takes a ``cluster`` as well: the same run extracted on Dask).
     """
     run_id = extract_features(catalog, model=model, layer=layer, pooling=pooling, weights=weights, store=store,
                               **kwargs)

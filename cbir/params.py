@@ -24,7 +24,8 @@ PARAMS_DIR = REPO_ROOT / "params"
 DEFAULTS_FILE = PARAMS_DIR / "defaults.yaml"
 
 #: keys that may be null, with the type of their value when given
-NULLABLE = {"name": str, "out_dir": str, "store": str, "layer": str, "pooling": str, "n_queries": int}
+NULLABLE = {"name": str, "out_dir": str, "store": str, "layer": str, "pooling": str, "n_queries": int,
+            "cluster": str}
 #: int keys that also accept a float
 FLOAT_OK = {"minkowski_p", "lbp_radius"}
 #: keys that are not notebook parameters (not injected by papermill)
@@ -203,6 +204,13 @@ def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_whe
     if params.get("minkowski_p") is not None and params["minkowski_p"] < 1:
         raise ParamsError(f"{where('minkowski_p')}: minkowski_p must be >= 1 (a metric), "
                           f"got {params['minkowski_p']!r}")
+    if params.get("cluster") is not None:
+        from cbir.distributed import parse_cluster  # the grammar only; imports no Dask
+
+        try:
+            parse_cluster(params["cluster"])
+        except ValueError as exc:
+            raise ParamsError(f"{where('cluster')}: {exc}") from None
     bad = [n for n in params.get("notebooks", []) if not _NOTEBOOK_RE.match(n)]
     if bad:
         raise ParamsError(f"{where('notebooks')}: notebooks must be two-digit prefixes such as '00', "
