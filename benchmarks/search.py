@@ -6,9 +6,10 @@
 Data: clustered, non-negative float32 vectors (like pooled CNN features), fixed seed.
 Baselines: faiss IndexFlatIP / IndexFlatL2 (cosine, correlation, euclidean; their normalising /
 centring included) and scikit-learn's ``NearestNeighbors(algorithm="brute")`` (manhattan, chebyshev,
-minkowski). Prints per measure and engine: seconds, ratio ours / baseline (< 1 is faster), agreement of
-the top-k sets with the baseline (%), and exactness against a float64 scipy ``cdist`` on ``--verify``
-queries (ties broken by catalogue order). Minkowski is timed on ``--minkowski-queries`` queries (both
+minkowski). Prints per measure and engine: seconds (the median of ``--rounds`` interleaved rounds, ours then
+the baseline, after one warm-up call of each), ratio ours / baseline (< 1 is faster), agreement of the top-k
+sets with the baseline (%), and exactness against a float64 scipy ``cdist`` on ``--verify`` queries (ties
+broken by catalogue order). ``benchmarks/scale.py`` has the 1M-vector comparison and the approximate indexes. Minkowski is timed on ``--minkowski-queries`` queries (both
 sides): a pow() per element makes it ~40x slower than manhattan for every library.
 A script, not a test: nothing is asserted.
 """
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     ap.add_argument("--engines", choices=["default", "all"], default="default",
                     help="time only the default engine per measure, or every engine that serves it")
-    ap.add_argument("--verify", type=int, default=20, help="queries checked against float64 cdist (0: skip)")
+    ap.add_argument("--verify", type=int, default=200, help="queries checked against float64 cdist (0: skip)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the median is shown)")
     ap.add_argument("--minkowski-queries", type=int, default=200,
                     help="minkowski (a pow() per element, ~40x slower than L1) is timed on the first N queries, "
                          "both sides (0: all)")
@@ -113,16 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         Qm = Q[:args.minkowski_queries] if metric == "minkowski" and args.minkowski_queries else Q
         if metric in ("cosine", "correlation", "euclidean"):
             base_name = "faiss IndexFlat" + ("L2" if metric == "euclidean" else "IP")
-            base_t, base_I = faiss_baseline(C, Q, metric, args.k)
+            baseline = lambda Qx: faiss_baseline(C, Qx, metric, args.k)  # noqa: E731
         else:
             base_name = "sklearn NN brute"
-            base_t, base_I = sklearn_baseline(C, Qm, metric, args.k, args.p)
+            baseline = lambda Qx: sklearn_baseline(C, Qx, metric, args.k, args.p)  # noqa: E731
         engines = [DEFAULT_ENGINE[metric]] if args.engines == "default" else \
             [e for e, served in ENGINES.items() if metric in served]
         for engine in engines:
-            t1 = time.perf_counter()
-            _, I = knn(C, Qm, metric, k=args.k, p=args.p, engine=engine)
-            ours_t = time.perf_counter() - t1
+            knn(C, Qm[:10], metric, k=args.k, p=args.p, engine=engine)  # warm-up
+            baseline(Qm[:10])
+            ours_times, base_times = [], []
+            for _ in range(args.rounds):
+                t1 = time.perf_counter()
+                _, I = knn(C, Qm, metric, k=args.k, p=args.p, engine=engine)
+                ours_times.append(time.perf_counter() - t1)
+                t, base_I = baseline(Qm)
+                base_times.append(t)
+            ours_t, base_t = float(np.median(ours_times)), float(np.median(base_times))
             exact = exact_share(C, Qm[:args.verify], I[:args.verify], metric, args.k, args.p) if args.verify else np.nan
             row = (metric, engine, ours_t, base_name, base_t, ours_t / base_t, agreement(I, base_I), exact, len(Qm))
             rows.append(row)

@@ -775,6 +775,11 @@ class FeatureStore:
         table = "failures" if failures else "features"
         return dict(self._read(f"SELECT image_id, sha1 FROM {table} WHERE run_id = ?", (int(run_id),)))
 
+    def vector_crc32(self, run_id: int) -> dict[str, int | None]:
+        """``image_id -> CRC-32`` of each stored vector of ``run_id`` (of id + blob; None before schema 2): a cheap
+        fingerprint of a run's vectors (``cbir.index`` tells a stale index by it) without reading them."""
+        return dict(self._read("SELECT image_id, crc32 FROM features WHERE run_id = ?", (int(run_id),)))
+
     def ids_with_vectors(self, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
         """The ``ids`` (as str, in the given order) that have a feature vector in ``run_id``."""
         ids = np.asarray(ids).astype(str)

@@ -163,3 +163,23 @@ def test_run_checks_every_params_file_before_any_notebook(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "mobilenet_v3" in err
     assert not (tmp_path / "good_out").exists()  # the good file, first in line, did not start either
+
+
+@pytest.mark.parametrize("command", [[], ["list"], ["catalog"], ["catalog", "check"], ["demo-catalog"],
+                                     ["extract"], ["export"], ["run"]])
+def test_help_is_written_for_users_with_examples(command, capsys):
+    from cbir.cli import EXAMPLES
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "\nexamples:\n" in text and "The thin" not in text  # the user's help, not the module docstring
+    examples = [line.strip().split("  ")[0] for line in text.split("\nexamples:\n", 1)[1].splitlines()
+                if line.startswith("  cbir ")]
+    assert len(examples) >= 2
+    # a subcommand's page shows that subcommand (export also shows how to list the runs to export)
+    if command and command != ["export"]:
+        assert all(e.startswith(f"cbir {command[0]} ") for e in examples), examples
+    name = " ".join(command) or "cbir"
+    assert EXAMPLES.get(name, EXAMPLES["catalog check"]).splitlines()[1] in text  # laid out as written

@@ -110,6 +110,46 @@ def test_zero_and_constant_vectors_have_similarity_zero():
     np.testing.assert_allclose(D[0, 1:], [1.0, 1.0])
 
 
+@pytest.mark.parametrize("metric,engine", [(m, e) for m, e in ENGINE_CASES if e in ("blas", "faiss")])
+def test_near_ties_beyond_the_top_k_margin_fall_back_to_the_full_block(metric, engine, monkeypatch):
+    # 40 copies of one vector: more equal scores than faiss' top-k' (k' = 2k + 10 = 16) can hold, so the
+    # margin is not enough for the first two queries; they must be scored against the whole catalogue
+    rng = np.random.default_rng(11)
+    C = (rng.standard_normal((500, 29)) + 3).astype(np.float32)
+    copies = np.sort(rng.choice(500, 40, replace=False))
+    C[copies] = C[copies[0]]
+    Q = np.vstack([C[copies[0]], C[copies[0]] + 1e-4, rng.standard_normal((4, 29)).astype(np.float32) + 3])
+    calls = []
+    original = ExactIndex._candidates_block
+    monkeypatch.setattr(ExactIndex, "_candidates_block",
+                        lambda self, Qf, err, k, engine=None: calls.append(len(Qf)) or original(self, Qf, err, k, engine))
+    D, I = knn(C, Q, metric, k=3, engine=engine)
+    assert calls and sum(calls) >= 2  # the tied queries fell back; the others did not need to
+    want_D, want_I = reference(C, Q, metric, 3)
+    np.testing.assert_array_equal(I, want_I)
+    np.testing.assert_array_equal(I[0], copies[:3])  # the tie breaks by catalogue order
+    np.testing.assert_allclose(D, want_D, rtol=1e-12, atol=1e-12)
+
+
+def test_cosine_shares_unit_norm_catalogues_and_chebyshev_keeps_no_float64_copy(data):
+    C, Q = data
+    U = C / np.linalg.norm(C, axis=1, keepdims=True)  # normalised in float32: norms 1 +- a few 1e-8
+    U[7] = U[8] * np.float32(1 + 5e-6)  # a near-copy of row 8, 5e-6 longer: inside the tolerance
+    index = ExactIndex(U, "cosine")
+    assert np.shares_memory(index._Xf, U) and 0 < index._unit_dev <= 1e-5  # no normalised copy
+    want_D, want_I = reference(U, Q, "cosine", 6)
+    D, I = index.search(Q, 6)
+    np.testing.assert_array_equal(I, want_I)
+    np.testing.assert_allclose(D, want_D, rtol=1e-12, atol=1e-12)
+    _, I = index.search(U[8:9], 2)  # row 8 and its longer copy are both found (cosine distance ~1e-16)
+    assert sorted(I[0]) == [7, 8]
+    assert not np.shares_memory(ExactIndex(C, "cosine")._Xf, C)  # other norms: one normalised float32 copy
+    assert not np.shares_memory(ExactIndex(U, "correlation")._Xf, U)  # correlation centres: a copy
+    cheb = ExactIndex(C, "chebyshev")
+    assert cheb.engine == "scipy" and cheb._Xf.dtype == np.float32 and np.shares_memory(cheb._Xf, C)
+    np.testing.assert_array_equal(cheb.search(Q, 4)[1], reference(C, Q, "chebyshev", 4)[1])
+
+
 def test_batching_does_not_change_results(data):
     C, Q = data
     for metric in METRICS:
@@ -231,7 +271,7 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
-@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "correlation"])
 def test_approximate_recall_is_high_on_clustered_data(kind, metric):
     C = clustered(6000, 48, 30, seed=1)
     Q = clustered(200, 48, 30, seed=2)
@@ -264,5 +304,5 @@ def test_approximate_index_label_comes_from_its_own_settings():
 
 
 def test_approximate_rejects_other_metrics():
-    with pytest.raises(ValueError, match="supports 'cosine' and 'euclidean'"):
+    with pytest.raises(ValueError, match="supports 'euclidean', 'correlation', 'cosine'"):
         ApproximateIndex(np.ones((10, 3)), metric="manhattan")
