@@ -18,9 +18,7 @@ name) override them (:func:`env_overrides`; the README's app section lists them)
 """
 from __future__ import annotations
 
-import functools
 import html
-import inspect
 import os
 import re
 import threading
@@ -33,6 +31,8 @@ import pandas as pd
 from cbir.gallery import (RESULT_COLUMNS, RunVectors, card_html, distance_caption, image_uri,
                           thumbnail_uri)
 from cbir.images import IMAGE_SUFFIXES, ImageError, decode_bytes
+from cbir.rebuild import (RunRefusedError, cached_extractor, checked_extractor, descriptor_settings, extractor_kwargs,
+                          resolve_weights)
 from cbir.runs import features_label
 from cbir.search import METRICS
 from cbir.store import FeatureStore, StoreError
@@ -108,147 +108,6 @@ def validate_upload(data: bytes | memoryview, name: str, mime: str | None = None
     except ImageError as exc:
         text = _REASON_TEXT.get(exc.reason, exc.reason)
         raise UploadError(name, exc.reason, f"{name}: {text}; upload a photo ({allowed})") from None
-
-
-def _run_name(run: int | str | None) -> str:
-    return "this run" if run is None else f"run {run}"
-
-
-def _refuse(run: int | str | None, reason: str, text: str) -> UploadError:
-    return UploadError("", reason, f"{_run_name(run)}{text}")
-
-
-def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
-                    run: int | str | None = None) -> str:
-    """The ``weights`` argument that rebuilds a run's extractor from its stored identity.
-
-    ``imagenet``, seeded random init (``none ...``) and handcrafted runs need nothing; a run made from
-    a weights file needs that file: ``weights`` (the app's parameter) or a file of the same name in
-    :func:`cbir.backbones.weights_dirs`, whose SHA-1 must equal the stored one. Only the file's name is
-    taken from the store (never its folder); a run without a valid stored SHA-1, or no file with it, is
-    refused (:class:`UploadError` naming ``run``, the file and the SHA-1), never served by another file.
-    """
-    label = str(identity.get("weights") or "none")
-    if label == "imagenet":
-        return "imagenet"
-    if label.startswith("none") or label == "handcrafted":
-        return "none"
-    from cbir.backbones import weights_dirs
-    from cbir.efficientnet_lite import file_sha1
-
-    fname = Path(str(identity.get("weights_file") or label)).name
-    sha1 = identity.get("weights_sha1")
-    if not (isinstance(sha1, str) and re.fullmatch(r"[0-9a-f]{40}", sha1)):
-        raise _refuse(run, "weights", f" used the weights file {fname!r} but records no valid SHA-1 for it "
-                                      f"({sha1!r}); refusing to load an unchecked file")
-    candidates = [Path(weights)] if weights not in (None, "imagenet", "none") else []
-    candidates += [folder / fname for folder in weights_dirs()]
-    differ = []
-    for candidate in candidates:
-        if candidate.is_file() and candidate.name == fname:
-            found = file_sha1(candidate)
-            if found == sha1:
-                return str(candidate)
-            differ.append(f"{candidate} has SHA-1 {found}")
-    seen = f" ({'; '.join(differ)})" if differ else ""
-    raise _refuse(run, "weights", f" used the weights file {fname!r}, which was not found with SHA-1 {sha1}{seen}; "
-                                  f"start the app with weights=PATH (or CBIR_WEIGHTS) pointing to that file")
-
-
-@functools.cache
-def descriptor_settings() -> dict[str, Any]:
-    """Settings a run's stored ``params`` may pass on, with their defaults: the keyword parameters of
-    :func:`cbir.descriptors.build_descriptor_extractor` that have a value default and that
-    :func:`cbir.extractors.build_extractor` does not set itself (so never weights, layer, pooling, ...)."""
-    from cbir.descriptors import build_descriptor_extractor
-    from cbir.extractors import build_extractor
-
-    own = set(inspect.signature(build_extractor).parameters)
-    return {name: p.default for name, p in inspect.signature(build_descriptor_extractor).parameters.items()
-            if p.kind is p.KEYWORD_ONLY and p.default is not None and name not in own}
-
-
-def _same_kind(value: Any, default: Any) -> bool:
-    if isinstance(default, (bool, str)):
-        return type(value) is type(default)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _descriptor_params(identity: Mapping[str, Any], run: int | str | None) -> dict[str, Any]:
-    """The stored ``params`` checked against :func:`descriptor_settings` (only descriptor runs have any)."""
-    from cbir.extractors import descriptor_names
-
-    params = identity.get("params") or {}
-    if not isinstance(params, Mapping):
-        raise _refuse(run, "identity", f": stored params must be a mapping, got {type(params).__name__}")
-    allowed = descriptor_settings() if identity.get("model") in descriptor_names() else {}
-    for key in sorted(params):
-        if key not in allowed:
-            raise _refuse(run, "identity", f": stored params may not set {key!r} (a {identity.get('model')} "
-                                           f"run takes {', '.join(sorted(allowed)) or 'no params'})")
-        if not _same_kind(params[key], allowed[key]):
-            raise _refuse(run, "identity", f": stored params {key}={params[key]!r} is not of type "
-                                           f"{type(allowed[key]).__name__}")
-    return dict(params)
-
-
-def extractor_kwargs(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
-                     run: int | str | None = None) -> dict[str, Any]:
-    """Keyword arguments of :func:`cbir.extractors.build_extractor` for a run's stored identity.
-
-    The weights come only from :func:`resolve_weights` (name + SHA-1 checked); the stored ``params``
-    may set only descriptor settings (:func:`descriptor_settings`). A tampered identity raises
-    :class:`UploadError` naming ``run``."""
-    kwargs: dict[str, Any] = {
-        "name": identity["model"],
-        "layer": identity.get("layer"),
-        "pooling": identity.get("pooling"),
-        "weights": resolve_weights(identity, weights=weights, run=run),
-        "l2_normalize": bool(identity.get("l2_normalize", False)),
-    }
-    if identity.get("gem_p") is not None:
-        kwargs["gem_p"] = identity["gem_p"]
-    kwargs.update(_descriptor_params(identity, run))  # descriptor settings (bins, points, radius, ...)
-    return kwargs
-
-
-def checked_extractor(identity: Mapping[str, Any], kwargs: Mapping[str, Any], *,
-                      run: int | str | None = None) -> Any:
-    """:func:`cached_extractor` of ``kwargs``, refused (:class:`UploadError`) when the weights it loaded
-    do not have the SHA-1 stored with the run (e.g. other ImageNet weights than the run's)."""
-    extractor = cached_extractor(kwargs)
-    wanted, got = identity.get("weights_sha1"), getattr(extractor, "weights_sha1", None)
-    if wanted and got != wanted:
-        found = getattr(extractor, "weights_file", None) or getattr(extractor, "weights_label", "?")
-        raise _refuse(run, "weights", f": the weights found here ({found}, SHA-1 {got}) are not the ones the "
-                                      f"run was made with (SHA-1 {wanted})")
-    return extractor
-
-
-@functools.lru_cache(maxsize=4)
-def _build_extractor(frozen: tuple[tuple[str, Any], ...]) -> Any:
-    from cbir.extractors import build_extractor
-
-    kwargs = dict(frozen)
-    return build_extractor(kwargs.pop("name"), **kwargs)
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
-_BUILD_LOCK = threading.Lock()
-
-
-def cached_extractor(kwargs: Mapping[str, Any]) -> Any:
-    """``build_extractor(**kwargs)``, built once per process for the same arguments (one build at a time, so
-    the preloading thread and an early search never build the same model twice)."""
-    with _BUILD_LOCK:
-        return _build_extractor(tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
 
 
 def interactive_kernel(environ: Mapping[str, str] | None = None) -> bool:
@@ -693,7 +552,7 @@ class VisualSearchApp:
                                                                              size=self.thumb_size),
                                        label=str(row.get("subcategory", "")), category=str(row.get("category", "")),
                                        role="query", thumb=self.thumb_size)
-        except (UploadError, ImageError) as exc:
+        except (UploadError, RunRefusedError, ImageError) as exc:
             self.controls["query"].value = ""
             self._show_error(str(exc))
             return

@@ -16,6 +16,7 @@ module level (the extractors are built lazily).
 from __future__ import annotations
 
 import functools
+import threading
 import inspect
 import os
 import re
@@ -67,7 +68,7 @@ def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike |
             differ.append(f"{candidate} has SHA-1 {found}")
     seen = f" ({'; '.join(differ)})" if differ else ""
     raise _refuse(run, "weights", f" used the weights file {fname!r}, which was not found with SHA-1 {sha1}{seen}; "
-                                  f"pass weights=PATH (--weights) pointing to that file")
+                                  f"pass weights=PATH pointing to that file (the app: CBIR_WEIGHTS; cbir search: --weights)")
 
 
 @functools.cache
@@ -139,9 +140,14 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def cached_extractor(kwargs: Mapping[str, Any]) -> Any:
-    """``build_extractor(**kwargs)``, built once per process for the same arguments."""
-    return _build_extractor(tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
+    """``build_extractor(**kwargs)``, built once per process for the same arguments (one build at a time, so
+    the app's preloading thread and an early search never build the same model twice)."""
+    with _BUILD_LOCK:
+        return _build_extractor(tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
 
 
 def checked_extractor(identity: Mapping[str, Any], kwargs: Mapping[str, Any], *,

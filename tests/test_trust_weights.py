@@ -292,7 +292,8 @@ def test_untampered_store_still_searches(hist_store_file):
                                   "params_path_outside", "identity_file_outside"])
 def test_tampered_identity_never_opens_another_weights_file(case, hist_store_file, tmp_path, evil_pth,
                                                             watch_opens, monkeypatch):
-    from cbir.app import UploadError, VisualSearchApp
+    from cbir.app import VisualSearchApp
+    from cbir.rebuild import RunRefusedError
 
     src, run_id = hist_store_file
     evil, marker = evil_pth
@@ -313,9 +314,9 @@ def test_tampered_identity_never_opens_another_weights_file(case, hist_store_fil
     store = _tampered_copy(src, tmp_path / "tampered.sqlite", run_id, **changes)
     app = VisualSearchApp(store)
     assert app.problem is None and app.run_id == run_id
-    with pytest.raises(UploadError, match=re.escape(f"run {run_id}") + ".*" + re.escape(message)):
+    with pytest.raises(RunRefusedError, match=re.escape(f"run {run_id}") + ".*" + re.escape(message)):
         app.search_bytes(_png(), "red.png")
-    with pytest.raises(UploadError, match=re.escape(f"run {run_id}")):
+    with pytest.raises(RunRefusedError, match=re.escape(f"run {run_id}")):
         app.extractor()
     app.widget()  # the widget shows the refusal instead of dying
     data = _png()
@@ -336,7 +337,8 @@ def _file_run(tmp_path: Path, content: bytes, **identity) -> tuple[Path, dict]:
 
 
 def test_weights_file_sha1_mismatch_is_refused_naming_run_file_and_sha1(tmp_path, monkeypatch):
-    from cbir.app import UploadError, extractor_kwargs, resolve_weights
+    from cbir.app import extractor_kwargs, resolve_weights
+    from cbir.rebuild import RunRefusedError
 
     monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path / "weights"))
     weights, identity = _file_run(tmp_path, b"the real weights")
@@ -347,7 +349,7 @@ def test_weights_file_sha1_mismatch_is_refused_naming_run_file_and_sha1(tmp_path
     other.parent.mkdir()
     other.write_bytes(b"other weights")
     wanted = "1" * 40
-    with pytest.raises(UploadError, match=re.escape(
+    with pytest.raises(RunRefusedError, match=re.escape(
             f"run 7 used the weights file 'mine.weights.h5', which was not found with SHA-1 {wanted}")) as info:
         resolve_weights({**identity, "weights_sha1": wanted}, weights=other, run=7)
     assert f"{other} has SHA-1 {el.file_sha1(other)}" in str(info.value)
@@ -356,11 +358,12 @@ def test_weights_file_sha1_mismatch_is_refused_naming_run_file_and_sha1(tmp_path
 
 @pytest.mark.parametrize("stored", [None, "", "not-a-sha1"])
 def test_weights_file_run_without_a_stored_sha1_is_refused(tmp_path, monkeypatch, stored):
-    from cbir.app import UploadError, resolve_weights
+    from cbir.app import resolve_weights
+    from cbir.rebuild import RunRefusedError
 
     monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path / "weights"))
     _, identity = _file_run(tmp_path, b"weights", weights_sha1=stored)
-    with pytest.raises(UploadError, match=re.escape("run 3 used the weights file 'mine.weights.h5' but records no "
+    with pytest.raises(RunRefusedError, match=re.escape("run 3 used the weights file 'mine.weights.h5' but records no "
                                                     "valid SHA-1")):
         resolve_weights(identity, run=3)
 
@@ -383,24 +386,27 @@ def test_descriptor_settings_come_from_the_builder_signature():
     ([["bins", 8]], "stored params must be a mapping, got list"),
 ])
 def test_descriptor_params_of_the_wrong_type_are_refused(params, message):
-    from cbir.app import UploadError, extractor_kwargs
+    from cbir.app import extractor_kwargs
+    from cbir.rebuild import RunRefusedError
 
-    with pytest.raises(UploadError, match=re.escape(f"run 4: {message}")):
+    with pytest.raises(RunRefusedError, match=re.escape(f"run 4: {message}")):
         extractor_kwargs({"model": "color_hist", "weights": "handcrafted", "params": params}, run=4)
 
 
 def test_backbone_run_with_params_is_refused():
-    from cbir.app import UploadError, extractor_kwargs
+    from cbir.app import extractor_kwargs
+    from cbir.rebuild import RunRefusedError
 
     message = "run 5: stored params may not set 'bins' (a mobilenet_v2 run takes no params)"
-    with pytest.raises(UploadError, match=re.escape(message)):
+    with pytest.raises(RunRefusedError, match=re.escape(message)):
         extractor_kwargs({"model": "mobilenet_v2", "weights": "imagenet", "params": {"bins": 8}}, run=5)
 
 
 def test_rebuilt_imagenet_weights_must_match_the_stored_sha1(hist_store_file, tmp_path, mobilenet_v2_notop_weights):
     """An imagenet run made with other ImageNet weights (a stored SHA-1 that the file found here does not
     have) is refused after the build, naming the run, the file and both SHA-1s."""
-    from cbir.app import UploadError, VisualSearchApp
+    from cbir.app import VisualSearchApp
+    from cbir.rebuild import RunRefusedError
 
     src, run_id = hist_store_file
     wanted = "2" * 40
@@ -408,7 +414,7 @@ def test_rebuilt_imagenet_weights_must_match_the_stored_sha1(hist_store_file, tm
                            pooling="gap", weights="imagenet", weights_file=mobilenet_v2_notop_weights.name,
                            weights_sha1=wanted, input_size=224, dim=1280, params=None)
     app = VisualSearchApp(store)
-    with pytest.raises(UploadError, match=re.escape(
+    with pytest.raises(RunRefusedError, match=re.escape(
             f"run {run_id}: the weights found here ({mobilenet_v2_notop_weights.name}, SHA-1 "
             f"{el.file_sha1(mobilenet_v2_notop_weights)}) are not the ones the run was made with (SHA-1 {wanted})")):
         app.search_bytes(_png(), "red.png")

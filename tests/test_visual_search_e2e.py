@@ -30,6 +30,7 @@ from scipy.spatial.distance import cdist
 
 from cbir.app import (UploadError, VisualSearchApp, env_overrides, extractor_kwargs, interactive_kernel, resolve_weights,
                       validate_upload)
+from cbir.rebuild import RunRefusedError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "07_visual_search.ipynb"
@@ -141,7 +142,7 @@ def test_resolve_weights_and_extractor_kwargs(tmp_path, monkeypatch):
     assert resolve_weights(identity, weights=str(weights)) == str(weights)
     monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path))
     assert resolve_weights(identity) == str(tmp_path / "mine.weights.h5")  # found in the weights folders
-    with pytest.raises(UploadError, match="used the weights file 'mine.weights.h5', which was not found"):
+    with pytest.raises(RunRefusedError, match="used the weights file 'mine.weights.h5', which was not found"):
         resolve_weights({**identity, "weights_sha1": "0" * 40})  # same name, other content
     assert extractor_kwargs({"model": "color_hist", "layer": None, "pooling": None, "weights": "handcrafted",
                              "params": {"bins": 8, "space": "rgb"}, "l2_normalize": False}) == {
@@ -328,10 +329,10 @@ def test_model_is_preloaded_behind_a_progress_bar_not_at_the_first_upload(hist_s
     bar is shown and the upload is disabled; the first upload then reuses it (no second build)."""
     import functools
 
-    import cbir.app as app_module
+    import cbir.rebuild as rebuild
 
     store, run_id, catalog, ids, X = hist_store
-    real = app_module._build_extractor.__wrapped__  # the uncached builder
+    real = rebuild._build_extractor.__wrapped__  # the uncached builder
     seen = []
 
     @functools.lru_cache(maxsize=4)
@@ -342,7 +343,7 @@ def test_model_is_preloaded_behind_a_progress_bar_not_at_the_first_upload(hist_s
                      "thread": threading.current_thread().name})
         return real(frozen)
 
-    monkeypatch.setattr(app_module, "_build_extractor", spy)
+    monkeypatch.setattr(rebuild, "_build_extractor", spy)
     monkeypatch.setenv("VOILA_BASE_URL", "/")  # as Voila starts its kernels
     app = VisualSearchApp(store)
     app.widget()  # preload=None: decided by the kernel's environment
