@@ -55,8 +55,8 @@ import numpy as np
 import pandas as pd
 
 from cbir.catalog import CatalogError, catalog_frame
-from cbir.extract import (Loader, _finish, _identity, _load_one, _plan, _resolve_extractor, _start_run, _Stream,
-                          _with_file_sha1, catalogue_sha1, ensure_features, whiten_for_catalog)
+from cbir.extract import (Loader, _finish, _identity, _load_one, _resolve_extractor, _Stream, _with_file_sha1,
+                          ensure_features, prepare_run, whiten_for_catalog)
 from cbir.extractors import get_entry
 from cbir.store import FeatureStore, canonical_json, open_store
 
@@ -459,24 +459,13 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    ids = df["image_id"].astype(str).to_numpy()
-    paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
     identity = client.submit(_worker_identity, spec, variant, pure=False, retries=retries).result()
     remote = SimpleNamespace(identity=lambda: dict(identity), input_size=identity["input_size"],
                              dim=identity["dim"])
-    run_id = _start_run(store, df, remote, variant=variant, l2_here=False, name=name,
-                        sha1=lambda: dict(zip(ids, _with_file_sha1(paths, expected, np.ones(len(ids), bool),
-                                                                   workers))))
-    todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
-    if not todo.any():
-        if store.run(run_id)["status"] != "complete":
-            _finish(store, run_id, ids, n_images=len(ids))
-        return run_id
-    if n_replaced:
-        dropped = store.invalidate_derived(run_id)
-        log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
-                    "dropped what was computed from them: %s", store.path, run_id, n_replaced, dropped)
-    store.set_status(run_id, "running")
+    p = prepare_run(store, df, remote, variant=variant, l2_here=False, name=name, workers=workers)
+    if not p.todo.any():
+        return p.run_id
+    run_id, ids, paths, expected, todo, n_replaced = p.run_id, p.ids, p.paths, p.expected, p.todo, p.n_replaced
     start = time.perf_counter()
     out_dir = Path(shard_dir) if shard_dir is not None else shard_dir_for(store, run_id)
     out_dir.mkdir(parents=True, exist_ok=True)

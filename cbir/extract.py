@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -233,27 +234,53 @@ def extract_features(
     store = open_store(store)
     extractor, l2_here = _resolve_extractor(model, layer=layer, pooling=pooling, weights=weights,
                                             l2_normalize=l2_normalize)
-    ids = df["image_id"].astype(str).to_numpy()
-    paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
-    run_id = _start_run(store, df, extractor, variant=variant, l2_here=l2_here, name=name,
-                        sha1=lambda: dict(zip(ids, _with_file_sha1(paths, expected, np.ones(len(ids), bool),
-                                                                   workers))))
-    todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
-    if not todo.any():
-        if store.run(run_id)["status"] != "complete":
-            _finish(store, run_id, ids, n_images=len(ids))
-        return run_id
-    if n_replaced:
-        dropped = store.invalidate_derived(run_id)
-        log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
-                    "dropped what was computed from them: %s", store.path, run_id, n_replaced, dropped)
-    store.set_status(run_id, "running")
+    p = prepare_run(store, df, extractor, variant=variant, l2_here=l2_here, name=name, workers=workers)
+    if not p.todo.any():
+        return p.run_id
+    run_id, ids, paths, expected, todo, n_replaced = p.run_id, p.ids, p.paths, p.expected, p.todo, p.n_replaced
     stream = _Stream(store=store, run_id=run_id, extractor=extractor, l2_here=l2_here, loader=loader,
                      batch_size=batch_size, workers=workers, prefetch=prefetch, pad_batches=pad_batches)
     stats = stream.run(ids[todo], paths[todo], expected[todo], total=len(ids), progress=progress)
     _finish(store, run_id, ids, n_images=len(ids), n_processed=int(todo.sum()), n_vectors_replaced=n_replaced,
             batch_size=int(batch_size), workers=int(workers), prefetch=int(prefetch), **stats)
     return run_id
+
+
+@dataclass
+class PreparedRun:
+    """A run ready to extract into: its id, the catalogue's ``ids``, ``paths`` and ``expected`` sha1 (None
+    where unknown), which rows are still ``todo`` and how many stored vectors will be replaced."""
+
+    run_id: int
+    ids: np.ndarray
+    paths: np.ndarray
+    expected: np.ndarray
+    todo: np.ndarray
+    n_replaced: int
+
+
+def prepare_run(store: FeatureStore, df: pd.DataFrame, extractor: Any, *, variant: str, l2_here: bool,
+                name: str | None, workers: int) -> PreparedRun:
+    """Start or resume the run (:func:`_start_run`), plan what is left (:func:`_plan`) and, when nothing is,
+    finish it; otherwise drop what was computed from vectors about to be replaced and mark it running.
+    Shared by the in-process pipeline and :mod:`cbir.distributed`."""
+    ids = df["image_id"].astype(str).to_numpy()
+    paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
+    run_id = _start_run(store, df, extractor, variant=variant, l2_here=l2_here, name=name,
+                        sha1=lambda: dict(zip(ids, _with_file_sha1(paths, expected, np.ones(len(ids), bool),
+                                                                   workers))))
+    todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
+    prepared = PreparedRun(run_id, ids, paths, expected, todo, n_replaced)
+    if not todo.any():
+        if store.run(run_id)["status"] != "complete":
+            _finish(store, run_id, ids, n_images=len(ids))
+        return prepared
+    if n_replaced:
+        dropped = store.invalidate_derived(run_id)
+        log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
+                    "dropped what was computed from them: %s", store.path, run_id, n_replaced, dropped)
+    store.set_status(run_id, "running")
+    return prepared
 
 
 def _sibling_runs(store: FeatureStore, identity: Mapping[str, Any]) -> list[int]:

@@ -115,3 +115,25 @@ def demo_run(tmp_path_factory) -> dict:
                           capture_output=True, text=True, timeout=1800, cwd=capture)
     return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "out": out,
             "seconds": time.perf_counter() - t0}
+
+
+def within(seconds: float, func, *args, **kwargs):
+    """``func(*args, **kwargs)`` in a daemon thread; fails (instead of hanging the suite) after ``seconds``."""
+    import threading
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["value"] = func(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(func, '__name__', func)} still running after {seconds} s: it hangs")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

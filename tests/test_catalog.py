@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import within
 from PIL import Image, features
 
 import cbir.images
@@ -51,25 +52,6 @@ def _png_bomb(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
-
-
-def _within(seconds: float, func, *args, **kwargs):
-    """``func(*args, **kwargs)`` in a daemon thread; fails (instead of hanging) after ``seconds``."""
-    result: dict = {}
-
-    def work() -> None:
-        try:
-            result["value"] = func(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"{getattr(func, '__name__', func)} still running after {seconds} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def _manifest(root: Path, rows: list[tuple], columns: tuple[str, ...] = ("image", "category", "subcategory")) -> Path:
@@ -258,13 +240,13 @@ def test_fifo_directory_and_huge_file_are_problems_not_hangs(tmp_path: Path,
     monkeypatch.setattr(cbir.images, "MAX_FILE_BYTES", big.stat().st_size - 1)
     expected = {"x": "not_a_file", "d": "not_a_file", "big": "too_large"}
     for validate in (True, False):
-        catalog = _within(10, load_catalog, manifest, validate=validate, progress=False)
+        catalog = within(10, load_catalog, manifest, validate=validate, progress=False)
         assert dict(zip(catalog.problems["image_id"], catalog.problems["problem"])) == expected
         details = dict(zip(catalog.problems["image_id"], catalog.problems["detail"]))
         assert "FIFO" in details["x"] and "directory" in details["d"]
         assert details["big"] == f"{big.stat().st_size:,} bytes > {big.stat().st_size - 1:,}"
     out = io.StringIO()
-    assert _within(10, check_catalog_report, manifest, out=out) == 0
+    assert within(10, check_catalog_report, manifest, out=out) == 0
     assert "not_a_file: 2" in out.getvalue() and "1 usable" in out.getvalue()
 
 
@@ -289,7 +271,7 @@ def test_symlinks_out_of_the_root_are_refused_unread(tmp_path: Path) -> None:
     expected = {"r2": "outside_root", "r3": "outside_root", "r4": "outside_root", "r5": "outside_root",
                 "r6": "not_an_image"}
     for validate in (True, False):
-        catalog = _within(10, load_catalog, manifest, validate=validate, progress=False)
+        catalog = within(10, load_catalog, manifest, validate=validate, progress=False)
         got = dict(zip(catalog.problems["image_id"], catalog.problems["problem"]))
         assert got == (expected if validate else {k: v for k, v in expected.items() if k != "r6"})
     assert catalog.problems.set_index("image_id").loc["r2", "detail"] == f"images/leak.jpg is a link to a file " \

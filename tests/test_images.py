@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import within
 from PIL import Image
 
 import cbir.images
@@ -192,27 +193,6 @@ def test_check_image_info(tmp_path: Path) -> None:
     assert check_image(tmp_path / "l.png")[1]["mode"] == "L"
 
 
-def _within(seconds: float, func, *args):
-    """``func(*args)`` in a daemon thread; fails (instead of hanging the suite) after ``seconds``."""
-    import threading
-
-    result: dict = {}
-
-    def work() -> None:
-        try:
-            result["value"] = func(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
-    assert not thread.is_alive(), f"{func.__name__} still running after {seconds} s"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def test_read_file_bytes_reads_regular_files_and_follows_links(tmp_path: Path) -> None:
     data = _jpeg_bytes(4)
     (tmp_path / "a.jpg").write_bytes(data)
@@ -232,18 +212,18 @@ def test_fifo_is_not_a_file_and_never_blocks(tmp_path: Path) -> None:
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)  # no writer: a blocking open or read would hang forever
     with pytest.raises(ImageError) as err:
-        _within(10, read_file_bytes, fifo)
+        within(10, read_file_bytes, fifo)
     assert err.value.reason == "not_a_file" and "x.jpg" in str(err.value) and "FIFO" in err.value.detail
     with pytest.raises(ImageError) as err:
-        _within(10, read_image, fifo)
+        within(10, read_image, fifo)
     assert err.value.reason == "not_a_file"
-    assert _within(10, check_image, fifo)[0] == "not_a_file"
+    assert within(10, check_image, fifo)[0] == "not_a_file"
 
 
 def test_device_and_directory_are_not_files(tmp_path: Path) -> None:
     (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # endless: reading it would exhaust memory
     with pytest.raises(ImageError) as err:
-        _within(10, read_image, tmp_path / "zero.jpg")
+        within(10, read_image, tmp_path / "zero.jpg")
     assert err.value.reason == "not_a_file" and "character device" in err.value.detail
     (tmp_path / "dir.jpg").mkdir()
     problem, info = check_image(tmp_path / "dir.jpg")
