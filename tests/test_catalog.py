@@ -5,7 +5,6 @@ import hashlib
 import io
 import os
 import struct
-import threading
 import zlib
 from pathlib import Path
 
