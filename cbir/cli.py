@@ -159,32 +159,25 @@ def _pooling(value: str) -> str | None:
     return value
 
 
-def _cluster(value: str) -> str:
-    """``--cluster``: ``local`` or ``local:N``."""
-    from cbir.distributed import parse_cluster
+def _cluster_option(kind: str, wanted: str):
+    """An argparse type for ``--cluster`` (``kind="local"``) or ``--scheduler`` (``kind="scheduler"``)."""
+    def parse(value: str) -> str:
+        from cbir.distributed import parse_cluster
 
-    try:
-        spec = parse_cluster(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if spec is None or spec.kind != "local":
-        raise argparse.ArgumentTypeError(f"--cluster takes local or local:N, got {value!r} "
-                                         "(a scheduler address goes to --scheduler)")
-    return str(spec)
+        try:
+            spec = parse_cluster(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if spec is None or spec.kind != kind:
+            raise argparse.ArgumentTypeError(f"--{'cluster' if kind == 'local' else 'scheduler'} takes {wanted}, "
+                                             f"got {value!r}")
+        return str(spec)
+
+    return parse
 
 
-def _scheduler(value: str) -> str:
-    """``--scheduler``: a Dask scheduler address such as ``tcp://HOST:PORT``."""
-    from cbir.distributed import parse_cluster
-
-    try:
-        spec = parse_cluster(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if spec is None or spec.kind != "scheduler":
-        raise argparse.ArgumentTypeError(f"--scheduler takes a scheduler address such as tcp://HOST:8786, "
-                                         f"got {value!r}")
-    return str(spec)
+_cluster = _cluster_option("local", "local or local:N (a scheduler address goes to --scheduler)")
+_scheduler = _cluster_option("scheduler", "a scheduler address such as tcp://HOST:8786")
 
 
 DESCRIPTION = ("Visual search for product catalogues: extract image features, compare distance measures and\n"

@@ -137,3 +137,27 @@ def within(seconds: float, func, *args, **kwargs):
     if "error" in result:
         raise result["error"]
     return result["value"]
+
+
+@pytest.fixture()
+def line():
+    """Ten catalogue images on a line (x = 0..9), ids c0..c9; categories: c0-c4 'a', c5-c9 'b'."""
+    import numpy as np
+    import pandas as pd
+
+    ids = np.array([f"c{i}" for i in range(10)])
+    X = np.stack([np.arange(10.0), np.zeros(10)], axis=1).astype(np.float32)
+    cats = pd.Series(["a"] * 5 + ["b"] * 5, index=ids)
+    return ids, X, cats
+
+
+@pytest.fixture()
+def labels():
+    """Labels of queries q1, q2 and catalogue images n1..n5 (categories A/B, sub-categories a1, a2, b1, b2)."""
+    import pandas as pd
+
+    return pd.DataFrame({
+        "image_id": ["q1", "q2", "n1", "n2", "n3", "n4", "n5"],
+        "category": ["A", "B", "A", "A", "B", "B", "A"],
+        "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2", "a1"],
+    })

@@ -12,15 +12,6 @@ from cbir.search import ApproximateIndex, knn, recall_at_k, search
 
 
 @pytest.fixture()
-def labels():
-    return pd.DataFrame({
-        "image_id": ["q1", "q2", "n1", "n2", "n3", "n4", "n5"],
-        "category": ["A", "B", "A", "A", "B", "B", "A"],
-        "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2", "a1"],
-    })
-
-
-@pytest.fixture()
 def neighbours():
     """Two measures, two queries, k = 3.
 
@@ -192,7 +183,6 @@ def test_compare_and_paired_tests(neighbours, labels):
     table = ev.paired_tests(pq, baseline={"metric": "cosine"})
     assert len(table) == 1 and table.loc[0, "a_metric"] == "euclidean" and table.loc[0, "b_metric"] == "cosine"
     assert table.loc[0, "p_holm"] == table.loc[0, "p_permutation"]
-
 
 
 def test_paired_tests_with_one_measure_is_an_empty_table_with_the_columns(neighbours, labels):

@@ -13,24 +13,6 @@ from cbir.search import search
 from cbir.store import FeatureStore
 
 
-@pytest.fixture()
-def line():
-    """Ten catalogue images on a line (x = 0..9), ids c0..c9; categories: c0-c4 'a', c5-c9 'b'."""
-    ids = np.array([f"c{i}" for i in range(10)])
-    X = np.stack([np.arange(10.0), np.zeros(10)], axis=1).astype(np.float32)
-    cats = pd.Series(["a"] * 5 + ["b"] * 5, index=ids)
-    return ids, X, cats
-
-
-@pytest.fixture()
-def labels():
-    return pd.DataFrame({
-        "image_id": ["q1", "q2", "n1", "n2", "n3", "n4", "n5"],
-        "category": ["A", "B", "A", "A", "B", "B", "A"],
-        "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2", "a1"],
-    })
-
-
 def test_run_search_reads_and_writes_the_store(tmp_path, line):
     ids, X, cats = line
     X = X.copy()

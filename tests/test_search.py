@@ -187,13 +187,6 @@ def test_similarity():
 
 
 # ------------------------------------------------------------------------------------------ search()
-@pytest.fixture()
-def line():
-    """Ten catalogue images on a line (x = 0..9), ids c0..c9; categories: c0-c4 'a', c5-c9 'b'."""
-    ids = np.array([f"c{i}" for i in range(10)])
-    X = np.stack([np.arange(10.0), np.zeros(10)], axis=1).astype(np.float32)
-    cats = pd.Series(["a"] * 5 + ["b"] * 5, index=ids)
-    return ids, X, cats
 
 
 def test_search_tidy_frame_and_exclude_self(line):
