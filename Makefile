@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/cbir run params/demo.yaml
 
-## The study on the real catalogue: every model and baseline, then the cross-model summary
+## The study on the real catalogue: every model and baseline, the models trained on it (notebooks 09, 10), then the summary
 study: venv
 	$(BIN)/cbir run params/vgg16.yaml params/vgg19.yaml params/resnet50.yaml params/xception.yaml \
-		params/mobilenet_v2.yaml params/efficientnet_lite0.yaml params/color_hist.yaml params/lbp.yaml params/hog.yaml
+		params/mobilenet_v2.yaml params/efficientnet_lite0.yaml params/efficientnet_lite1.yaml \
+		params/efficientnet_lite2.yaml params/color_hist.yaml params/lbp.yaml params/hog.yaml
+	$(BIN)/cbir run params/finetune_mobilenet_v2.yaml params/metric_mobilenet_v2.yaml \
+		params/metric_mobilenet_v2_openset.yaml params/autoencoder.yaml
 	$(BIN)/cbir run params/summary.yaml
 
 ## The whole test suite: unit and end-to-end tests, then the notebooks re-executed and compared (nbval)

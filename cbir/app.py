@@ -12,9 +12,16 @@ distances (:meth:`cbir.gallery.RunVectors.no_match_threshold`) gets a "no close 
 (class ``cbir-warning``); a bad upload a message in class ``cbir-error``. Image paths that moved with the
 outputs folder are found again (:func:`cbir.gallery.relocate_paths`).
 
+With a trained model folder (``tagger=``, ``CBIR_TAGGER``; :mod:`cbir.tagging`) an uploaded photo is also tagged:
+the predicted label (the model's: sub-category or category) and its probability are shown above the results
+(class ``cbir-tag``; :attr:`VisualSearchApp.last_tag`), and the checkbox "search within the predicted <label>"
+(``search_bytes(..., within_predicted=True)``) searches only the catalogue images whose label in the run's labels
+equals the prediction, as the reference study's per-category index does. Without a tagger nothing changes.
+
 Voila cannot inject papermill parameters: ``CBIR_STORE``, ``CBIR_CATALOG``, ``CBIR_OUT_DIR``, ``CBIR_MODEL``,
 ``CBIR_LAYER``, ``CBIR_POOLING``, ``CBIR_WEIGHTS``, ``CBIR_K``, ``CBIR_MINKOWSKI_P``, ``CBIR_RUN`` (run id or
-name) override them (:func:`env_overrides`; the README's app section lists them).
+name), ``CBIR_TAGGER`` (a trained model folder) override them (:func:`env_overrides`; the README's app section
+lists them).
 """
 from __future__ import annotations
 
@@ -36,13 +43,16 @@ from cbir.rebuild import (RunRefusedError, cached_extractor, checked_extractor, 
 from cbir.runs import features_label
 from cbir.search import METRICS
 from cbir.store import FeatureStore, StoreError
+from cbir.tagging import Tagger, load_tagger, read_classes
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """Uploads larger than this (10 MiB) are refused before decoding."""
 UPLOAD_SUFFIXES = IMAGE_SUFFIXES
 ENV_PREFIX = "CBIR_"
-_PATH_KEYS = ("store", "catalog", "out_dir", "weights")
-_ENV_KEYS = ("store", "catalog", "out_dir", "model", "layer", "pooling", "weights", "k", "minkowski_p", "run")
+_PATH_KEYS = ("store", "catalog", "out_dir", "weights", "tagger")
+_ENV_KEYS = ("store", "catalog", "out_dir", "model", "layer", "pooling", "weights", "k", "minkowski_p", "run",
+             "tagger")
+_LABEL_TEXT = {"subcategory": "sub-category", "category": "category"}
 _REASON_TEXT = {
     "empty": "the file is empty",
     "not_an_image": "the file is not an image",
@@ -148,10 +158,14 @@ class VisualSearchApp:
     ``weights``: the weights file, for runs made from one. ``catalog`` (``"demo"`` resolved under ``out_dir``):
     read for labels only when the store has no catalogue; with ``catalog_root`` and ``out_dir`` it also tells
     where to look for images whose stored paths moved (:func:`catalogue_bases`).
-    A missing store does not raise: ``problem`` says what is wrong and the widget shows it.
+    ``tagger``: a trained model folder (or a loaded :class:`cbir.tagging.Tagger`) that tags uploads; ``last_tag``
+    is the last upload's ``(label, probability)`` and ``within_predicted`` (the checkbox) restricts an upload's
+    search to the catalogue images of the predicted label.
+    A missing store or an unusable tagger folder does not raise: ``problem`` says what is wrong and the widget
+    shows it.
     ``controls``: the widgets by role (``run, run_info, metric, k, upload, pick, loading, progress, message,
-    query, results``) once :meth:`widget` has built them; ``buttons`` the "search from this" buttons of the
-    results on display and ``shown`` their rows.
+    query, results``, with a tagger also ``within, tag``) once :meth:`widget` has built them; ``buttons`` the
+    "search from this" buttons of the results on display and ``shown`` their rows.
     """
 
     def __init__(self, store: FeatureStore | str | os.PathLike, *, run: int | str | None = None,
@@ -159,7 +173,8 @@ class VisualSearchApp:
                  layer: str | None = None, pooling: str | None = None, weights: str | None = "imagenet",
                  catalog: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
                  catalog_root: str | os.PathLike | None = None, metrics: list[str] | None = None,
-                 max_bytes: int = MAX_UPLOAD_BYTES, thumb_size: int = 128, max_k: int = 50) -> None:
+                 max_bytes: int = MAX_UPLOAD_BYTES, thumb_size: int = 128, max_k: int = 50,
+                 tagger: str | os.PathLike | Tagger | None = None, within_predicted: bool = False) -> None:
         self.metrics = tuple(metrics or METRICS)
         metric = metric or ("cosine" if "cosine" in self.metrics else self.metrics[0])
         if metric not in self.metrics:
@@ -178,6 +193,13 @@ class VisualSearchApp:
         self.preload_thread: threading.Thread | None = None
         self._last_query: tuple[str, Any] | None = None
         self._updating = False
+        self.tagger_spec = None if tagger is None or str(tagger).strip().lower() in ("", "none") else tagger
+        self._tagger: Tagger | None = tagger if isinstance(tagger, Tagger) else None
+        self.tagger_label: str | None = None
+        if within_predicted and self.tagger_spec is None:
+            raise ValueError("within_predicted needs a tagger (a trained model folder) to predict the label")
+        self.within_predicted = bool(within_predicted)
+        self.last_tag: tuple[str, float] | None = None
         if isinstance(store, FeatureStore):
             self.store = store
         elif not Path(store).is_file():
@@ -197,7 +219,10 @@ class VisualSearchApp:
         try:
             self.select_run(self._default_run(runs, run, model=model, layer=layer, pooling=pooling,
                                               weights=weights))
-        except ValueError as exc:  # e.g. CBIR_RUN names no searchable run: show it, do not die
+            if self.tagger_spec is not None:  # classes.json checked now, the model loaded when first needed
+                self.tagger_label = (self._tagger.label if self._tagger is not None
+                                     else read_classes(self.tagger_spec)[0])
+        except ValueError as exc:  # e.g. CBIR_RUN names no searchable run, a tagger that cannot tag: show it
             self.problem = str(exc)
 
     # -- data ---------------------------------------------------------------------------------
@@ -307,18 +332,58 @@ class VisualSearchApp:
                                f"the store holds {self.features()[1].shape[1]}-d ones")
         return vector
 
+    def tagger(self) -> Tagger | None:
+        """The trained model that tags uploads (loaded once), or None without one."""
+        if self.tagger_spec is None:
+            return None
+        with self._lock:
+            if self._tagger is None:
+                self._tagger = load_tagger(self.tagger_spec)
+            return self._tagger
+
+    def tag_bytes(self, data: bytes | memoryview, name: str, mime: str | None = None) -> tuple[str, float]:
+        """The tagger's ``(label, probability)`` for an upload (validated); ``ValueError`` without a tagger."""
+        tagger = self.tagger()
+        if tagger is None:
+            raise ValueError("this app has no tagger: start it with tagger= (or CBIR_TAGGER) naming a trained "
+                             "model folder")
+        image = validate_upload(data, name, mime, max_bytes=self.max_bytes, size=tagger.input_size)
+        return tagger.tag(image)
+
+    def outside_label(self, value: str, *, column: str | None = None) -> frozenset[str]:
+        """The current run's searchable image ids whose label (``column``, default the tagger's) is not
+        ``value``: what a search within ``value`` leaves out."""
+        vectors = self.vectors()
+        column = column or self.tagger_label
+        labels = vectors.labels[column].reindex(vectors.catalog_ids).astype(str).to_numpy()
+        return frozenset(vectors.catalog_ids[labels != str(value)])
+
     # -- search -------------------------------------------------------------------------------
     def index(self, metric: str | None = None) -> Any:
         """The exact k-NN index (:class:`cbir.search.ExactIndex`) of the current run for ``metric``, cached."""
         return self.vectors().index(metric or self.metric)
 
     def search_bytes(self, data: bytes | memoryview, name: str, mime: str | None = None, *,
-                     metric: str | None = None, k: int | None = None) -> pd.DataFrame:
+                     metric: str | None = None, k: int | None = None,
+                     within_predicted: bool | None = None) -> pd.DataFrame:
         """Top-k catalogue images for an uploaded photo: ``rank, image_id, category, subcategory,
-        distance, similarity, path``. Raises :class:`UploadError` for a bad upload."""
+        distance, similarity, path``. Raises :class:`UploadError` for a bad upload.
+
+        With a tagger the photo is tagged (``last_tag``: label, probability) and ``within_predicted`` (default:
+        the app's ``within_predicted``, the checkbox) searches only the catalogue images of the predicted label
+        (fewer than k, or none, when the run has fewer of them)."""
         self._require_ready()
-        return self.vectors().search_vector(self.embed_bytes(data, name, mime), metric=metric or self.metric,
-                                            k=int(k or self.k))
+        self.last_tag = None
+        within = self.within_predicted if within_predicted is None else bool(within_predicted)
+        if within and self.tagger_spec is None:
+            raise ValueError("search within the predicted label needs a tagger: start the app with tagger= "
+                             "(or CBIR_TAGGER) naming a trained model folder")
+        vector = self.embed_bytes(data, name, mime)
+        if self.tagger_spec is not None:
+            self.last_tag = self.tag_bytes(data, name, mime)
+        exclude = self.outside_label(self.last_tag[0]) if within else frozenset()
+        return self.vectors().search_vector(vector, metric=metric or self.metric, k=int(k or self.k),
+                                            exclude=exclude)
 
     def search_catalog_image(self, image_id: str, *, metric: str | None = None,
                              k: int | None = None) -> pd.DataFrame:
@@ -397,9 +462,20 @@ class VisualSearchApp:
         image_pick.observe(self._on_pick, names="value")
         for control in (run_pick, metric_pick, k_pick):
             control.observe(self._on_settings, names="value")
+        tagging, tag_shown = [], []
+        if self.tagger_spec is not None:  # the upload's predicted label, and the search within it
+            within = w.Checkbox(value=self.within_predicted, indent=False,
+                                description=f"search within the predicted {_LABEL_TEXT[self.tagger_label]}",
+                                layout=w.Layout(width="auto"))
+            tag = w.HTML()
+            within.add_class("cbir-within")
+            tag.add_class("cbir-tag-box")
+            within.observe(self._on_within, names="value")
+            self.controls.update(within=within, tag=tag)
+            tagging, tag_shown = [within], [tag]
         box = w.VBox([run_pick, run_info, w.HBox([metric_pick, k_pick], layout=w.Layout(flex_flow="row wrap")),
                       w.HBox([upload, image_pick], layout=w.Layout(flex_flow="row wrap", width="100%")),
-                      loading, message, query, results])
+                      *tagging, loading, message, *tag_shown, query, results])
         box.add_class("cbir-app")
         self._preload = interactive_kernel() if preload is None else bool(preload)
         self._background = bool(background)
@@ -417,7 +493,10 @@ class VisualSearchApp:
         steps = [("reading the run's vectors", lambda: self.vectors(run_id)),
                  (f"loading the model ({model})", lambda: self.extractor(run_id)),
                  ("calibrating the no-match warning", lambda: self.no_match_threshold())]
+        if self.tagger_spec is not None:
+            steps.append(("loading the tagger", self.tagger))
         c["upload"].disabled = True
+        c["progress"].max = len(steps)
         c["progress"].value = 0
         c["loading"].layout.display = "flex"
 
@@ -499,6 +578,24 @@ class VisualSearchApp:
         self._last_query = ("image", change["new"])
         self._run_query()
 
+    def _on_within(self, change: Mapping[str, Any]) -> None:
+        self.within_predicted = bool(change["new"])
+        if self._last_query is not None and self._last_query[0] == "upload":
+            self._run_query()
+
+    def _show_tag(self) -> None:
+        """The last upload's predicted label and probability (class ``cbir-tag``); nothing without one."""
+        if "tag" not in self.controls:
+            return
+        if self.last_tag is None:
+            self.controls["tag"].value = ""
+            return
+        label, probability = self.last_tag
+        parent = self._tagger.parents.get(label) if self._tagger is not None else None
+        also = f" · category {html.escape(parent)}" if parent else ""
+        self.controls["tag"].value = (f'<div class="cbir-tag">Predicted {_LABEL_TEXT[self.tagger_label]}: '
+                                      f'<b>{html.escape(label)}</b> (probability {probability:.2f}){also}</div>')
+
     def search_from(self, image_id: str) -> None:
         """Search from a result (its "search from this" button): the catalogue image becomes the query."""
         self._last_query = ("image", str(image_id))
@@ -535,11 +632,13 @@ class VisualSearchApp:
         self.controls["results"].children, self.buttons = (), []
         self.shown = pd.DataFrame(columns=RESULT_COLUMNS)
         self._show_message("Searching ...")
-        warning, query_label = None, None
+        warning, query_label, within = None, None, None
+        self.last_tag = None
         try:
             if kind == "upload":
                 name, data = str(item["name"]), item["content"]
                 found = self.search_bytes(data, name, item.get("type") or None)
+                within = self.last_tag[0] if self.within_predicted and self.last_tag else None
                 image = validate_upload(data, name, item.get("type") or None, max_bytes=self.max_bytes)
                 query_html = card_html(image_id=name, uri=image_uri(image, size=self.thumb_size), label="your photo",
                                        role="query", thumb=self.thumb_size)
@@ -554,20 +653,31 @@ class VisualSearchApp:
                                        role="query", thumb=self.thumb_size)
         except (UploadError, RunRefusedError, ImageError) as exc:
             self.controls["query"].value = ""
+            self._show_tag()
             self._show_error(str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - the app shows every failure instead of dying silently
             self.controls["query"].value = ""
+            self._show_tag()
             self._show_error(f"Search failed: {type(exc).__name__}: {exc}")
             return
+        self._show_tag()
         self.controls["query"].value = (f'<div class="cbir-query-row"><b>Query</b><br>{query_html}</div>'
                                         f'<div><b>Nearest first</b> (click "search from this" to search from a '
                                         f'result)</div>')
         self._show_results(found, query_label)
+        among = ""
+        if within is not None:
+            n_within = len(self.vectors().catalog_ids) - len(self.outside_label(within))
+            among = f" among the {n_within} catalogue images of {_LABEL_TEXT[self.tagger_label]} {within}"
+            if found.empty:
+                self._show_warning(f"No catalogue image of the predicted {_LABEL_TEXT[self.tagger_label]} {within} "
+                                   f"in run {self.run_id}: untick \"search within\" to search them all")
+                return
         if warning:
             self._show_warning(warning)
         else:
-            self._show_message(f"Top {len(found)} by {self.metric} distance in run {self.run_id}")
+            self._show_message(f"Top {len(found)} by {self.metric} distance{among} in run {self.run_id}")
 
     def _show_results(self, found: pd.DataFrame, query_label: Any = None) -> None:
         import ipywidgets as w

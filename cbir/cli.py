@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cbir.extractors import extractor_names
+from cbir.extractors import backbone_names, extractor_names
 from cbir.pooling import POOLINGS
 
 
@@ -58,6 +58,43 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     replaced = info["stats"].get("n_vectors_replaced") if info["finished"] else None
     note = f" ({replaced} replaced: their files changed)" if replaced else ""
     print(f"run {run_id}: {info['n_features']} feature vectors in {args.store}{note}")
+    return 0
+
+
+def _model_or_file(value: str) -> str:
+    """``--model``: a registered extractor, or a trained model file ``DIR/model.keras`` (``cbir train``)."""
+    from cbir.extractors import is_model_file
+
+    if is_model_file(value):
+        if not Path(value).is_file():
+            raise argparse.ArgumentTypeError(f"trained model file not found: {value}")
+        return value
+    if value not in extractor_names():
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(extractor_names())}, "
+                                         f"or a DIR/model.keras written by `cbir train`)")
+    return value
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from cbir.catalog import load_catalog, split_queries
+    from cbir.train import TrainConfig, ensure_trained, train
+
+    settings = {k: v for k, v in dict(method=args.method, backbone=args.backbone, weights=args.weights,
+                                      label=args.label, blocks=args.blocks, epochs=args.epochs,
+                                      fine_tune_epochs=args.fine_tune_epochs, encoder=args.encoder,
+                                      holdout=tuple(args.holdout or ()), seed=args.seed).items() if v is not None}
+    config = TrainConfig.from_mapping(settings)
+    catalog = split_queries(load_catalog(args.catalog, subcategory_from=args.subcategory_from),
+                            n_queries=args.n_queries, seed=args.seed)
+    run = train if args.force else ensure_trained
+    out = run(catalog, config, args.out, cache_dir=args.cache, progress=True, verbose=2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    test = metrics["test"]
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in test.items() if k != "n")
+    print(f"{out / 'model.keras'}: {config.method} on {metrics['images']['train']} training images, "
+          f"{metrics['classes']} classes; test ({test['n']} images): {shown}; {metrics['wall_seconds']:.0f} s")
     return 0
 
 
@@ -150,6 +187,30 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tag(args: argparse.Namespace) -> int:
+    from cbir.tagging import check_out, tag_catalog, tag_summary, write_tags
+
+    check_out(args.out)  # before any image is tagged
+    tags = tag_catalog(args.model, args.catalog, batch_size=args.batch_size, low_confidence=args.low_confidence,
+                       disagree=args.disagree, progress=True)
+    out, n = write_tags(tags, args.out), tag_summary(tags)
+    unreadable = f" ({n['n_errors']} unreadable)" if n["n_errors"] else ""
+    print(f"tagged {n['n_tagged']} images{unreadable}: {n['n_low_confidence']} low-confidence, "
+          f"{n['n_mistag']} likely mis-tags; wrote {out}")
+    return 0
+
+
+def _probability(value: str) -> float:
+    """``--low-confidence`` / ``--disagree``: a number between 0 and 1."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {value!r}")
+    return number
+
+
 def _pooling(value: str) -> str | None:
     """``--pooling``: a registered pooling, or ``none`` (any case) for the named layer as it is."""
     if value.lower() == "none":
@@ -223,6 +284,19 @@ examples:
 
 The store is created when missing. An interrupted extraction resumes where it stopped; vectors of images
 whose file changed are extracted again. Most users run `cbir run` instead, which extracts in notebook 01.""",
+    "train": """\
+examples:
+  cbir train --catalog shop/manifest.csv --backbone mobilenet_v2 --weights mobilenet_v2_notop.weights.h5 \\
+      --label subcategory --method metric --out models/metric --n-queries 500
+  cbir train --catalog shop/manifest.csv --backbone efficientnet_lite0 --method classifier --out models/tagger
+  cbir train --catalog shop/manifest.csv --backbone mobilenet_v2 --method autoencoder --encoder scratch --out models/ae
+  cbir extract --catalog shop/manifest.csv --model models/metric/model.keras --store shop.sqlite
+
+Only the searchable images are trained on: the queries of the split (--n-queries, --seed: use the values of the
+params you evaluate with) and their byte-identical copies never are. The backbone's frozen part runs once per
+image into an activation cache (--cache, resumable); the last --blocks blocks and the head train on it. DIR gets
+model.keras, metrics.json, history.csv, classes.json, training.json, split.csv. A folder already trained with the
+same settings is kept (--force trains again).""",
     "export": """\
 examples:
   cbir export --store outputs/cbir.sqlite --out features.npz          the latest run
@@ -259,6 +333,15 @@ examples:
 The photo is embedded with the run's own extractor (weights checked by SHA-1). The search uses the run's
 index for the measure when one was built (`cbir index build`) and says which and its measured recall;
 otherwise, and for measures faiss cannot serve, it searches exactly and says so.""",
+    "tag": """\
+examples:
+  cbir tag --model outputs/finetune_mobilenet_v2/model --catalog shop/manifest.csv --out tags.csv
+  cbir tag --model outputs/finetune_mobilenet_v2/model --catalog shop/manifest.csv --out tags.csv --disagree 0.95
+
+The model folder is one `cbir train` wrote (model.keras + classes.json). tags.csv has one row per image:
+the given labels, the predicted ones with their probabilities and the top 3, and the flags low_confidence
+(top probability under --low-confidence), mistag (the model disagrees with the given label with at least
+--disagree) and given_unknown (a label the model never learned: never called a mis-tag).""",
 }
 """Examples shown under each command's ``--help`` (``tests/test_cli.py`` checks every command has some)."""
 
@@ -309,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(SQLite), as notebook 01 does.", **_help("extract"))
     extract.add_argument("--catalog", required=True, type=Path, metavar="PATH",
                          help="the catalogue: manifest CSV, Kaggle folder or folder tree")
-    extract.add_argument("--model", required=True, choices=extractor_names(), metavar="MODEL",
+    extract.add_argument("--model", required=True, type=_model_or_file, metavar="MODEL",
                          help=f"a backbone or descriptor: {', '.join(extractor_names())}")
     extract.add_argument("--layer", default=None, help="the layer to read (default: the model's own; "
                                                         "`cbir list models` names the models)")
@@ -329,6 +412,39 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", default=None, type=_scheduler, metavar="tcp://HOST:PORT",
                        help="extract on a running Dask cluster (its scheduler address)")
     extract.set_defaults(func=_cmd_extract)
+
+    from cbir.train import method_names
+
+    training = sub.add_parser("train", help="fine-tune a backbone on the catalogue's labels (tagging, embeddings)",
+                              description="Train a tagging classifier, a metric-learning embedding or an autoencoder "
+                                          "on the searchable part of a catalogue; the model is then a feature "
+                                          "extractor like any other (`cbir extract --model DIR/model.keras`).",
+                              **_help("train"))
+    training.add_argument("--catalog", required=True, type=Path, metavar="PATH", help="the catalogue")
+    training.add_argument("--backbone", default="mobilenet_v2", choices=backbone_names(), metavar="NAME",
+                          help=f"the pretrained CNN ({', '.join(backbone_names())}; default: mobilenet_v2)")
+    training.add_argument("--weights", default="imagenet", help="imagenet (default), none or a weights file")
+    training.add_argument("--label", default="subcategory", choices=["subcategory", "category"],
+                          help="the label to learn (default: subcategory)")
+    training.add_argument("--method", default="classifier", choices=list(method_names()),
+                          help=f"{', '.join(method_names())} (default: classifier)")
+    training.add_argument("--encoder", default=None, choices=["pretrained", "scratch"],
+                          help="autoencoder only: the backbone as encoder (default) or a small CNN from scratch")
+    training.add_argument("--out", required=True, type=Path, metavar="DIR", help="the model folder to write")
+    training.add_argument("--epochs", type=int, default=None, help="epochs of the head alone (default: 8)")
+    training.add_argument("--fine-tune-epochs", type=int, default=None,
+                          help="then epochs with the last blocks trained too (default: 6)")
+    training.add_argument("--blocks", type=int, default=None, help="backbone blocks trained (default: 1)")
+    training.add_argument("--holdout", nargs="*", default=None, metavar="SUBCATEGORY",
+                          help="sub-categories never trained on (open-set evaluation)")
+    training.add_argument("--n-queries", type=int, default=60, help="queries of the split (default: 60)")
+    training.add_argument("--seed", type=int, default=0, help="seed of the split and the training (default: 0)")
+    training.add_argument("--subcategory-from", default="articleType", choices=["articleType", "subCategory"],
+                          help="Kaggle layout only: which column becomes the sub-category")
+    training.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                          help="the activation cache (default: DIR/../cache)")
+    training.add_argument("--force", action="store_true", help="train again even when DIR holds this model")
+    training.set_defaults(func=_cmd_train)
 
     export = sub.add_parser("export", help="export a run's features to .npz (ids, features)",
                             description="Write one run's feature vectors and image ids to a NumPy .npz file.",
@@ -390,6 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the weights file of a run made from one (checked against its SHA-1)")
     search.add_argument("--exact", action="store_true", help="search exactly even where an index exists")
     search.set_defaults(func=_cmd_search)
+
+    tag = sub.add_parser("tag", help="tag catalogue images with a trained model; flag likely mis-tags",
+                         description="Predict each catalogue image's label with a trained model folder and write "
+                                     "a CSV with the predictions, low-confidence ones and likely mis-tags.",
+                         **_help("tag"))
+    tag.add_argument("--model", required=True, type=Path, metavar="DIR",
+                     help="the trained model folder (model.keras + classes.json, from `cbir train`)")
+    tag.add_argument("--catalog", required=True, type=Path, metavar="PATH",
+                     help="the catalogue: manifest CSV, Kaggle folder or folder tree")
+    tag.add_argument("--out", required=True, type=Path, metavar="FILE", help="the CSV to write (folder created)")
+    tag.add_argument("--low-confidence", type=_probability, default=0.5, metavar="P",
+                     help="flag predictions whose probability is under P (default: 0.5)")
+    tag.add_argument("--disagree", type=_probability, default=0.9, metavar="P",
+                     help="call a given label a likely mis-tag when the model predicts another with at least P "
+                          "(default: 0.9)")
+    tag.add_argument("--batch-size", type=int, default=32, help="images per model call (default: 32)")
+    tag.set_defaults(func=_cmd_tag)
     return parser
 
 

@@ -150,6 +150,17 @@ def block_names(name: str = "efficientnet_lite0") -> list[str]:
     return [f"block{s + 1}{chr(ord('a') + r)}_" for s, (*_, repeats) in enumerate(stages(name)) for r in range(repeats)]
 
 
+def train_cuts(name: str = "efficientnet_lite0", depth: int = 3) -> tuple[str, ...]:
+    """The layers whose outputs end the frozen part when the last 1, 2, ... ``depth`` MBConv blocks are trained
+    (:func:`cbir.train.backbone_cut`): each block's output, ``<block>add`` or ``<block>project_bn``."""
+    outputs = []
+    for s, (_, stride, _, f_in, f_out, repeats) in enumerate(stages(name)):
+        for r in range(repeats):
+            residual = (stride if r == 0 else 1) == 1 and (f_in if r == 0 else f_out) == f_out
+            outputs.append(f"block{s + 1}{chr(ord('a') + r)}_" + ("add" if residual else "project_bn"))
+    return tuple(outputs[-2:-depth - 2:-1])
+
+
 def build_efficientnet_lite(name: str = "efficientnet_lite0", *, input_size: int | None = None,
                             include_top: bool = True, dropout: float | None = None):
     """The graph of EfficientNet-Lite variant ``name`` with random weights: ``(N, S, S, 3)`` preprocessed

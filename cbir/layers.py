@@ -1,5 +1,6 @@
-"""Keras layers of cbir: :class:`GlobalPool` (any registered pooling of :mod:`cbir.pooling`) and
-:class:`L2Normalize`. Both use ``keras.ops`` only, so they run on any Keras 3 backend, and are
+"""Keras layers of cbir: :class:`GlobalPool` (any registered pooling of :mod:`cbir.pooling`),
+:class:`L2Normalize`, and for trained models (:mod:`cbir.train`) :class:`CosineClassifier` and
+:class:`AffinePreprocess`. All use ``keras.ops`` only, so they run on any Keras 3 backend, and are
 registered as Keras serialisable (package ``cbir``) so a saved model reloads without custom code.
 
 This module imports Keras at load time; :mod:`cbir.backbones` imports it only when it builds a model.
@@ -54,3 +55,52 @@ class L2Normalize(keras.layers.Layer):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "eps": self.eps}
+
+
+@keras.saving.register_keras_serializable(package="cbir")
+class CosineClassifier(keras.layers.Layer):
+    """Cosines between L2-normalised rows and ``units`` learned, L2-normalised class proxies: ``(N, D) -> (N,
+    units)`` in [-1, 1] (the normalised-softmax / CosFace head of :mod:`cbir.train`)."""
+
+    def __init__(self, units: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+
+    def build(self, input_shape):
+        self.proxies = self.add_weight(shape=(int(input_shape[-1]), self.units), initializer="glorot_uniform",
+                                       name="proxies")
+
+    def call(self, x):
+        x = l2_rows(ops.cast(x, "float32"))
+        w = self.proxies / ops.maximum(ops.sqrt(ops.sum(ops.square(self.proxies), axis=0, keepdims=True)), 1e-12)
+        return ops.matmul(x, w)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.units)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "units": self.units}
+
+
+@keras.saving.register_keras_serializable(package="cbir")
+class AffinePreprocess(keras.layers.Layer):
+    """A backbone's per-pixel affine preprocessing inside a saved model: ``x @ matrix + offset`` on RGB 0..255
+    (covers scaling to -1..1, mean/std normalisation and Caffe's RGB->BGR with mean subtraction)."""
+
+    def __init__(self, matrix, offset, **kwargs):
+        super().__init__(**kwargs)
+        self.matrix = [[float(v) for v in row] for row in matrix]
+        self.offset = [float(v) for v in offset]
+        if len(self.matrix) != 3 or any(len(r) != 3 for r in self.matrix) or len(self.offset) != 3:
+            raise ValueError("AffinePreprocess takes a 3x3 matrix and 3 offsets")
+
+    def call(self, x):
+        m = ops.convert_to_tensor(self.matrix, dtype="float32")
+        b = ops.convert_to_tensor(self.offset, dtype="float32")
+        return ops.matmul(ops.cast(x, "float32"), m) + b
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "matrix": self.matrix, "offset": self.offset}

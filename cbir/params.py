@@ -25,7 +25,7 @@ DEFAULTS_FILE = PARAMS_DIR / "defaults.yaml"
 
 #: keys that may be null, with the type of their value when given
 NULLABLE = {"name": str, "out_dir": str, "store": str, "layer": str, "pooling": str, "n_queries": int,
-            "cluster": str}
+            "cluster": str, "train": dict}
 #: int keys that also accept a float
 FLOAT_OK = {"minkowski_p", "lbp_radius"}
 #: keys that are not notebook parameters (not injected by papermill)
@@ -117,6 +117,8 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
         if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise bad
         if expected is str and not isinstance(value, str):
+            raise bad
+        if expected is dict and not isinstance(value, dict):
             raise bad
         return value
     if isinstance(default, bool):
@@ -251,10 +253,40 @@ def _did_you_mean(value: object, valid: tuple[str, ...] | list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _check_train(params: dict[str, Any], where: Any) -> None:
+    """``train`` (when set): training settings :class:`cbir.train.TrainConfig` accepts, for a backbone ``model``."""
+    from cbir.train import TrainConfig, TrainingError
+
+    settings = params["train"]
+    for key, param in (("backbone", "model"), ("weights", "weights")):
+        if key in settings:
+            raise ParamsError(f"{where('train')}: train.{key} is set by the parameter {param!r}, not inside train")
+    backbones, _ = valid_models()
+    if params.get("model") not in backbones:
+        raise ParamsError(f"{where('model')}: with train, model must be the CNN backbone to fine-tune "
+                          f"({', '.join(backbones)}), got {params.get('model')!r}")
+    try:
+        TrainConfig.from_mapping({**settings, "backbone": params["model"], "weights": params["weights"]})
+    except (TrainingError, TypeError) as exc:
+        raise ParamsError(f"{where('train')}: {exc}") from None
+
+
 def _check_model(params: dict[str, Any], where: Any) -> None:
-    """``model`` is a registered backbone or descriptor; descriptors take no layer or pooling; without
-    pooling a backbone's ``layer`` must be one of its named feature layers (what ``build_extractor`` accepts)."""
+    """``model`` is a registered backbone or descriptor, or a trained model file (``*.keras``, which takes no
+    layer or pooling); descriptors take no layer or pooling; without pooling a backbone's ``layer`` must be one
+    of its named feature layers (what ``build_extractor`` accepts)."""
     model = params.get("model")
+    if params.get("train") is not None:
+        _check_train(params, where)
+        return
+    from cbir.extractors import is_model_file
+
+    if is_model_file(str(model)):
+        for key in ("pooling", "layer"):
+            if params.get(key) is not None:
+                raise ParamsError(f"{where(key)}: model {model!r} is a trained model (it gives its embedding): "
+                                  f"{key} must be null, got {params[key]!r}")
+        return
     backbones, descriptors = valid_models()
     if model not in backbones and model not in descriptors:
         hint = _did_you_mean(model, backbones + descriptors)
@@ -340,6 +372,16 @@ def load_params(
         params["catalog"] = _absolute(params["catalog"], sources.get("catalog", root))
     if params["weights"] not in ("imagenet", "none"):
         params["weights"] = _absolute(params["weights"], sources.get("weights", root))
+    if params.get("train") is not None:  # fine-tune the backbone; the run's features are the trained model's
+        from cbir.train import MODEL_FILE, TrainConfig
+
+        config = TrainConfig.from_mapping({**params["train"], "backbone": params["model"],
+                                           "weights": params["weights"]})
+        params["train"] = config.to_dict()
+        params["model"] = str(Path(params["out_dir"]) / "model" / MODEL_FILE)
+        params["layer"] = params["pooling"] = None
+    elif str(params["model"]).endswith(".keras"):
+        params["model"] = _absolute(params["model"], sources.get("model", root))
     if check_paths:
         for problem in missing_paths(params):
             raise FileNotFoundError(f"{path}: {problem}")

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRefusedError", "resolve_weights", "descriptor_settings", "extractor_kwargs", "checked_extractor",
+__all__ = ["RunRefusedError", "resolve_weights", "trained_model_file", "descriptor_settings", "extractor_kwargs",
+           "checked_extractor",
            "cached_extractor"]
 
 
@@ -107,10 +108,37 @@ def _descriptor_params(identity: Mapping[str, Any], run: int | str | None) -> di
     return dict(params)
 
 
+def trained_model_file(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
+                       run: int | str | None = None) -> str:
+    """The ``model.keras`` of a trained model's run: ``weights`` (a path given now) or the stored ``model_file``,
+    accepted only with the SHA-1 stored with the run."""
+    from cbir.efficientnet_lite import file_sha1
+
+    sha1 = identity.get("weights_sha1")
+    if not (isinstance(sha1, str) and re.fullmatch(r"[0-9a-f]{40}", sha1)):
+        raise _refuse(run, "weights", f" is a trained model's run without a valid SHA-1 ({sha1!r}); refusing to "
+                                      f"load an unchecked model file")
+    candidates = [Path(weights)] if weights not in (None, "imagenet", "none") else []
+    candidates.append(Path(str(identity.get("model_file") or "")))
+    differ = []
+    for candidate in candidates:
+        if candidate.suffix == ".keras" and candidate.is_file():
+            found = file_sha1(candidate)
+            if found == sha1:
+                return str(candidate)
+            differ.append(f"{candidate} has SHA-1 {found}")
+    seen = f" ({'; '.join(differ)})" if differ else ""
+    raise _refuse(run, "weights", f" used the trained model {identity.get('model_file')!r}, not found with SHA-1 "
+                                  f"{sha1}{seen}; pass its model.keras as weights=PATH (cbir search: --weights)")
+
+
 def extractor_kwargs(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
                      run: int | str | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`cbir.extractors.build_extractor` for a run's stored identity
     (``store.run(run_id)["params"]``); raises :class:`RunRefusedError` for a tampered identity."""
+    if identity.get("model_file") is not None or str(identity.get("model", "")).startswith("trained/"):
+        return {"name": trained_model_file(identity, weights=weights, run=run), "layer": None, "pooling": None,
+                "l2_normalize": bool(identity.get("l2_normalize", False))}
     kwargs: dict[str, Any] = {
         "name": identity["model"],
         "layer": identity.get("layer"),

@@ -55,7 +55,7 @@ def features_label(model: Any, layer: Any = None, pooling: Any = None, *, weight
         label += f" [{variant}]"
     if is_random_init(weights):
         label += " (random init)"
-    elif _present(weights) and weights not in ("imagenet", "handcrafted", ""):
+    elif _present(weights) and weights not in ("imagenet", "handcrafted", "", "model.keras"):
         label += f" [weights: {Path(str(weights)).name}]"
     return label
 

@@ -28,7 +28,7 @@ from cbir.datasets import resolve_catalog
 from cbir.extract import catalogue_sha1, ensure_features, whiten_for_catalog
 from cbir.store import FeatureStore
 
-__all__ = ["Session", "open_session", "find_complete_run"]
+__all__ = ["Session", "open_session", "split_catalog", "find_complete_run"]
 
 
 @dataclass
@@ -110,6 +110,10 @@ class Session:
 def _weights_match(run: dict[str, Any], weights: Any) -> bool:
     """True when the run was extracted with ``weights`` (``imagenet``, ``none`` or a file, checked by SHA-1)."""
     label = str(run.get("weights") or "")
+    if str(weights).endswith(".keras"):  # a trained model: the run's model file is that file
+        from cbir.efficientnet_lite import file_sha1
+
+        return Path(str(weights)).is_file() and run.get("weights_sha1") == file_sha1(Path(str(weights)))
     if label == "handcrafted":  # descriptors have no weights: any setting builds the same extractor
         return True
     if weights is None or str(weights).lower() == "none":
@@ -131,6 +135,14 @@ def find_complete_run(store: FeatureStore, catalog: Any, *, model: str, layer: s
     more than one could be meant."""
     if not isinstance(model, str):
         return None
+    from cbir.extractors import is_model_file
+
+    if is_model_file(model):  # a trained model: its runs carry its name and its file's SHA-1
+        from cbir.train import trained_name
+
+        if not Path(model).is_file():
+            return None
+        model, weights, layer, pooling = trained_name(model), model, "embedding", None
     df = getattr(catalog, "df", catalog)
     digest = labels_sha1(df)
     runs = store.runs()
@@ -155,6 +167,15 @@ def find_complete_run(store: FeatureStore, catalog: Any, *, model: str, layer: s
     return found[0]
 
 
+def split_catalog(catalog: str | os.PathLike = "demo", out_dir: str | os.PathLike = "../outputs/notebooks", *,
+                  subcategory_from: str = "articleType", n_queries: int | None = 60, seed: int = 0) -> Catalog:
+    """The catalogue every notebook of a params file works on: loaded (``"demo"`` generated under ``out_dir``
+    once) and split into queries and searchable images (:func:`cbir.catalog.split_queries`)."""
+    out = Path(out_dir)
+    cat = load_catalog(resolve_catalog(catalog, out), subcategory_from=subcategory_from, progress=False)
+    return split_queries(cat, n_queries=n_queries, seed=seed)
+
+
 def open_session(*, catalog: str | os.PathLike = "demo", out_dir: str | os.PathLike = "../outputs/notebooks",
                  store: str | os.PathLike | None = None, model: Any = "efficientnet_lite0", layer: str | None = None,
                  pooling: str | None = "gap", weights: Any = "imagenet", batch_size: int = 32,
@@ -173,8 +194,7 @@ def open_session(*, catalog: str | os.PathLike = "demo", out_dir: str | os.PathL
     out = Path(out_dir)
     for sub in ("tables", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    cat = load_catalog(resolve_catalog(catalog, out), subcategory_from=subcategory_from, progress=False)
-    cat = split_queries(cat, n_queries=n_queries, seed=seed)
+    cat = split_catalog(catalog, out, subcategory_from=subcategory_from, n_queries=n_queries, seed=seed)
     feature_store = FeatureStore(store if store is not None else out / "features.sqlite")
     source = None if extract else find_complete_run(feature_store, cat, model=model, layer=layer, pooling=pooling,
                                                     weights=weights, l2_normalize=l2_normalize)

@@ -15,10 +15,12 @@ NOTEBOOK_DEFAULTS = {
     "k": 5, "minkowski_p": 3, "same_category": False, "n_queries": 60, "seed": 0, "cv_folds": 10,
     "cv_fold_size": 20, "color_bins": 32, "lbp_points": 24, "lbp_radius": 3, "roi_margin": 4, "gallery_queries": 6,
     "subcategory_from": "articleType", "samples_per_subcategory": 4, "pr_depth": 100,
-    "pca_whiten": False, "cluster": None,
+    "pca_whiten": False, "cluster": None, "train": None,
 }
 PATH_KEYS = {"out_dir", "store"}  # defaults null: derived from the run name
-STUDY = ("vgg16", "vgg19", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0", "color_hist", "lbp", "hog")
+STUDY = ("vgg16", "vgg19", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+         "efficientnet_lite2", "color_hist", "lbp", "hog")
+LEARNED = ("finetune_mobilenet_v2", "metric_mobilenet_v2", "metric_mobilenet_v2_openset", "autoencoder")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -34,9 +36,42 @@ def test_defaults_hold_exactly_the_notebook_parameters_plus_name_and_notebooks()
     assert defaults["notebooks"] == ["00", "01", "02", "03", "04", "05", "06"]  # no 07 (app), no 08 (summary)
 
 
+def test_learned_params_train_their_backbone_and_extract_the_trained_model(repo_root):
+    weights = str((repo_root.parent / "shared/models/mobilenet_v2_imagenet_notop.weights.h5").resolve())
+    methods = {}
+    for stem in LEARNED:
+        params = load_params(repo_root / "params" / f"{stem}.yaml")
+        assert params["model"] == str(repo_root / "outputs" / stem / "model" / "model.keras")
+        assert params["layer"] is None and params["pooling"] is None and params["n_queries"] == 500
+        assert params["train"]["backbone"] == "mobilenet_v2" and params["train"]["weights"] == weights
+        assert params["notebooks"][0] in ("09", "10")
+        methods[stem] = (params["train"]["method"], tuple(params["train"]["holdout"]))
+    assert methods["finetune_mobilenet_v2"] == ("classifier", ())
+    assert methods["metric_mobilenet_v2"] == ("metric", ())
+    assert methods["metric_mobilenet_v2_openset"][0] == "metric" and len(methods["metric_mobilenet_v2_openset"][1]) == 7
+    assert methods["autoencoder"] == ("autoencoder", ())
+
+
+def test_train_settings_are_checked_before_any_notebook(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", "name: bad\nmodel: mobilenet_v2\ntrain: {method: siamese}\n")
+    with pytest.raises(ParamsError, match="bad.yaml: training settings: method must be one of"):
+        load_params(bad)
+    bad = _write(tmp_path / "bad.yaml", "name: bad\nmodel: lbp\npooling: null\ntrain: {method: metric}\n")
+    with pytest.raises(ParamsError, match="with train, model must be the CNN backbone"):
+        load_params(bad)
+    bad = _write(tmp_path / "bad.yaml", "name: bad\ntrain: {epochs: 2, backbone: vgg19}\n")
+    with pytest.raises(ParamsError, match="train.backbone is set by the parameter 'model'"):
+        load_params(bad)
+    given = _write(tmp_path / "given.yaml", "name: given\nmodel: models/tagger/model.keras\npooling: null\n")
+    assert load_params(given, root=tmp_path)["model"] == str(tmp_path / "models/tagger/model.keras")
+    pooled = _write(tmp_path / "pooled.yaml", "name: pooled\nmodel: models/tagger/model.keras\n")
+    with pytest.raises(ParamsError, match="is a trained model .*pooling must be null"):
+        load_params(pooled)
+
+
 def test_every_params_file_loads(repo_root):
     files = sorted(p.stem for p in (repo_root / "params").glob("*.yaml") if p.name != "defaults.yaml")
-    assert files == sorted(STUDY + ("demo", "summary"))
+    assert files == sorted(STUDY + LEARNED + ("demo", "summary"))
     shared_catalog = str((repo_root.parent / "shared/data/fashion-products-224/manifest.csv").resolve())
     for stem in STUDY:
         params = load_params(repo_root / "params" / f"{stem}.yaml")
@@ -46,13 +81,15 @@ def test_every_params_file_loads(repo_root):
         assert params["store"] == str(repo_root / "outputs" / "cbir.sqlite")  # one store for the comparison
         assert params["out_dir"] == str(repo_root / "outputs" / stem)
         assert params["metrics"] == NOTEBOOK_DEFAULTS["metrics"]
+        assert params["n_queries"] == 500  # a tight answer on the real catalogue: CI half-width about 0.03
     for stem in ("color_hist", "lbp", "hog"):
         params = load_params(repo_root / "params" / f"{stem}.yaml")
         assert params["pooling"] is None and params["weights"] == "none"
     mobilenet = load_params(repo_root / "params" / "mobilenet_v2.yaml")
     assert mobilenet["weights"] == str((repo_root.parent / "shared/models/mobilenet_v2_imagenet_notop.weights.h5")
                                        .resolve())
-    for stem in ("vgg16", "vgg19", "resnet50", "xception", "efficientnet_lite0"):
+    for stem in ("vgg16", "vgg19", "resnet50", "xception", "efficientnet_lite0", "efficientnet_lite1",
+                 "efficientnet_lite2"):
         assert load_params(repo_root / "params" / f"{stem}.yaml")["weights"] == "imagenet"
     summary = load_params(repo_root / "params" / "summary.yaml")  # notebook 08 over the study's shared store
     assert summary["notebooks"] == ["08"] and summary["store"] == str(repo_root / "outputs" / "cbir.sqlite")
