@@ -23,7 +23,7 @@ from cbir.neighbours import ensure_neighbours
 from cbir.runs import features_label
 from cbir.stats import bootstrap_ci, paired_test
 
-__all__ = ["comparable_runs", "retrieval_comparison", "open_set_queries"]
+__all__ = ["comparable_runs", "retrieval_comparison", "open_set_queries", "verdict_line"]
 
 
 def comparable_runs(store: Any, labels_sha1: str, *, include: Sequence[int] = ()) -> pd.DataFrame:
@@ -94,3 +94,17 @@ def retrieval_comparison(store: Any, run_ids: Sequence[int], *, query_ids: Seque
         test |= {"rival": rival, "rival_features": runs.loc[rival, "features"],
                  "focus_features": runs.loc[int(focus), "features"], **result, "verdict": verdict}
     return table.reset_index(drop=True), test
+
+
+def verdict_line(test: dict[str, Any], *, what: str = "") -> str:
+    """One sentence for a :func:`retrieval_comparison` test: both means, the paired difference with its 95% CI,
+    the permutation p and the verdict; or why there is no comparison."""
+    if "rival" not in test:
+        return (f"{what}no other run of this catalogue and query split in the store: nothing to compare "
+                f"(run an ImageNet params file first)")
+    p = test["p_permutation"]
+    shown = "< 0.001" if p < 0.001 else f"= {p:.3f}"
+    return (f"{what}{test['focus_features']} vs {test['rival_features']} (top-{test['k']} "
+            f"{test['score'].replace('_', ' ')}, {test['metric']}, {test['n']} queries): {test['mean_a']:.3f} vs "
+            f"{test['mean_b']:.3f}, difference {test['mean_diff']:+.3f} [{test['diff_lo']:+.3f}, "
+            f"{test['diff_hi']:+.3f}], p {shown}: {test['verdict']}")

@@ -87,7 +87,7 @@ def read_classes(model_dir: str | os.PathLike) -> tuple[str, tuple[str, ...], di
     return label, tuple(classes), parents
 
 
-def _load_model(model_dir: str | os.PathLike) -> Any:
+def _trained_model(model_dir: str | os.PathLike) -> Any:
     """The folder's ``model.keras``, loaded without running code from the file (:func:`cbir.train.load_trained`)."""
     from cbir.train import TrainingError, load_trained
 
@@ -181,7 +181,7 @@ def load_tagger(model_dir: str | os.PathLike, *, batch_size: int = 32) -> Tagger
     (no ``classes.json``, no ``probabilities`` output, a class count the output does not have, ...)."""
     folder = _model_dir(model_dir)
     label, classes, parents = read_classes(folder)
-    model = _load_model(folder)
+    model = _trained_model(folder)
     outputs = model.output if isinstance(model.output, dict) else {}
     if "probabilities" not in outputs:
         names = ", ".join(outputs) or "one unnamed output"
