@@ -12,6 +12,15 @@ distances (:meth:`cbir.gallery.RunVectors.no_match_threshold`) gets a "no close 
 (class ``cbir-warning``); a bad upload a message in class ``cbir-error``. Image paths that moved with the
 outputs folder are found again (:func:`cbir.gallery.relocate_paths`).
 
+Searches use the run's faiss index for the measure when ``cbir index build`` made one and it is fresh
+(:meth:`cbir.gallery.RunVectors.how`): the run-info line under the run says which index and its measured recall,
+or that the search is exact and why (manhattan, minkowski and chebyshev always: faiss cannot serve them). The app
+searches every image of the run with a vector, the query split included (here they are products like the others),
+while an index holds only the run's searchable images (:func:`cbir.index.build_index` keeps the query split out to
+measure recall on it): those few images are searched exactly and merged by exact distance, and the line says so.
+A stale index (the run's vectors changed since the build) is not used: the search is exact and a warning line
+(class ``cbir-warning``) says to rebuild it. A search within the predicted label (below) is always exact.
+
 With a trained model folder (``tagger=``, ``CBIR_TAGGER``; :mod:`cbir.tagging`) an uploaded photo is also tagged:
 the predicted label (the model's: sub-category or category) and its probability are shown above the results
 (class ``cbir-tag``; :attr:`VisualSearchApp.last_tag`), and the checkbox "search within the predicted <label>"
@@ -38,6 +47,7 @@ import pandas as pd
 from cbir.gallery import (RESULT_COLUMNS, RunVectors, card_html, distance_caption, image_uri,
                           thumbnail_uri)
 from cbir.images import IMAGE_SUFFIXES, ImageError, decode_bytes
+from cbir.index import exact_how
 from cbir.rebuild import (RunRefusedError, cached_extractor, checked_extractor, descriptor_settings, extractor_kwargs,
                           resolve_weights)
 from cbir.runs import features_label
@@ -363,6 +373,16 @@ class VisualSearchApp:
         """The exact k-NN index (:class:`cbir.search.ExactIndex`) of the current run for ``metric``, cached."""
         return self.vectors().index(metric or self.metric)
 
+    def search_how(self, metric: str | None = None) -> str:
+        """How the current run is searched under ``metric``: its faiss index's label and measured recall, or
+        ``"exact search (<metric>: <why>)"`` (:meth:`cbir.gallery.RunVectors.how`)."""
+        return self.vectors().how(metric or self.metric)
+
+    def index_warning(self, metric: str | None = None) -> str | None:
+        """Why the current run's saved index for ``metric`` is not used (stale), or None."""
+        warning = self.vectors().index_warning(metric or self.metric)
+        return None if warning is None else f"{warning}. This search was exact."
+
     def search_bytes(self, data: bytes | memoryview, name: str, mime: str | None = None, *,
                      metric: str | None = None, k: int | None = None,
                      within_predicted: bool | None = None) -> pd.DataFrame:
@@ -371,7 +391,9 @@ class VisualSearchApp:
 
         With a tagger the photo is tagged (``last_tag``: label, probability) and ``within_predicted`` (default:
         the app's ``within_predicted``, the checkbox) searches only the catalogue images of the predicted label
-        (fewer than k, or none, when the run has fewer of them)."""
+        (fewer than k, or none, when the run has fewer of them). The search goes through the run's fresh index
+        for the measure when there is one, except within the predicted label (exact: an index's measured
+        recall is for the whole catalogue); ``.attrs["how"]`` says how (:meth:`search_how`)."""
         self._require_ready()
         self.last_tag = None
         within = self.within_predicted if within_predicted is None else bool(within_predicted)
@@ -381,9 +403,13 @@ class VisualSearchApp:
         vector = self.embed_bytes(data, name, mime)
         if self.tagger_spec is not None:
             self.last_tag = self.tag_bytes(data, name, mime)
-        exclude = self.outside_label(self.last_tag[0]) if within else frozenset()
-        return self.vectors().search_vector(vector, metric=metric or self.metric, k=int(k or self.k),
-                                            exclude=exclude)
+        metric = metric or self.metric
+        if not within:
+            return self.vectors().search_vector(vector, metric=metric, k=int(k or self.k))
+        found = self.vectors().search_vector(vector, metric=metric, k=int(k or self.k), use_index=False,
+                                             exclude=self.outside_label(self.last_tag[0]))
+        found.attrs["how"] = exact_how(metric, f"search within the predicted {_LABEL_TEXT[self.tagger_label]}")
+        return found
 
     def search_catalog_image(self, image_id: str, *, metric: str | None = None,
                              k: int | None = None) -> pd.DataFrame:
@@ -490,7 +516,7 @@ class VisualSearchApp:
         button is disabled meanwhile); in a daemon thread when ``background`` (returned; see :meth:`wait_ready`)."""
         c = self.controls
         run_id, model = self.run_id, self.run_info()["model"]
-        steps = [("reading the run's vectors", lambda: self.vectors(run_id)),
+        steps = [("reading the run's vectors", lambda: self.vectors(run_id).how(self.metric)),
                  (f"loading the model ({model})", lambda: self.extractor(run_id)),
                  ("calibrating the no-match warning", lambda: self.no_match_threshold())]
         if self.tagger_spec is not None:
@@ -543,10 +569,17 @@ class VisualSearchApp:
         return f"run {run.run_id}: {name}{features_label(run.model, run.layer, run.pooling, weights=run.weights)}"
 
     def _show_run_info(self) -> None:
+        """The run-info line: the run's extractor and size, then how it is searched under the current measure
+        (class ``cbir-search-how``: the index and its recall, or exact and why)."""
         run = self.run_info()
         text = (f"{run['model']} · layer {run['layer'] or '-'} · pooling {run['pooling'] or 'none'} · weights "
                 f"{run['weights']} · {run['dim']}-d vectors · {run['n_features']} images")
-        self.controls["run_info"].value = f'<span style="font-size:12px;color:#555">{html.escape(text)}</span>'
+        how = f"search: {self.search_how()}"
+        if self.within_predicted and not how.startswith("search: exact"):
+            how += f"; uploads searched within the predicted {_LABEL_TEXT[self.tagger_label]}: exact search"
+        self.controls["run_info"].value = (f'<span style="font-size:12px;color:#555">{html.escape(text)}</span>'
+                                           f'<div class="cbir-search-how" style="font-size:12px;color:#555">'
+                                           f'{html.escape(how)}</div>')
 
     def _image_options(self) -> list[tuple[str, str]]:
         return self.vectors().image_options(mark_queries=False)
@@ -554,10 +587,11 @@ class VisualSearchApp:
     def _show_message(self, text: str) -> None:
         self.controls["message"].value = f'<div class="cbir-info">{html.escape(text)}</div>'
 
-    def _show_warning(self, text: str) -> None:
-        self.controls["message"].value = (f'<div class="cbir-warning" style="color:#8a4b00;background:#fff4e0;'
-                                          f'border-left:4px solid #e69500;padding:4px 8px;font-weight:bold">'
-                                          f'{html.escape(text)}</div>')
+    def _show_warning(self, *texts: str) -> None:
+        """One warning line (class ``cbir-warning``) per text."""
+        self.controls["message"].value = "".join(
+            f'<div class="cbir-warning" style="color:#8a4b00;background:#fff4e0;border-left:4px solid #e69500;'
+            f'padding:4px 8px;margin-bottom:2px;font-weight:bold">{html.escape(text)}</div>' for text in texts)
 
     def _show_error(self, text: str) -> None:
         self.controls["message"].value = (f'<div class="cbir-error" style="color:#b00020;font-weight:bold">'
@@ -580,6 +614,7 @@ class VisualSearchApp:
 
     def _on_within(self, change: Mapping[str, Any]) -> None:
         self.within_predicted = bool(change["new"])
+        self._show_run_info()
         if self._last_query is not None and self._last_query[0] == "upload":
             self._run_query()
 
@@ -611,8 +646,8 @@ class VisualSearchApp:
         self.select_run(self.controls["run"].value)
         self.metric = self.controls["metric"].value
         self.k = int(self.controls["k"].value)
+        self._show_run_info()  # the measure decides the index (or exact search)
         if run_changed:  # another run may cover other images: refresh the picker, keep a picked image
-            self._show_run_info()
             picked = self._last_query[1] if self._last_query and self._last_query[0] == "image" else None
             self._updating = True
             try:
@@ -674,8 +709,9 @@ class VisualSearchApp:
                 self._show_warning(f"No catalogue image of the predicted {_LABEL_TEXT[self.tagger_label]} {within} "
                                    f"in run {self.run_id}: untick \"search within\" to search them all")
                 return
-        if warning:
-            self._show_warning(warning)
+        warnings = [text for text in (self.index_warning(), warning) if text]  # a stale index, no close match
+        if warnings:
+            self._show_warning(*warnings)
         else:
             self._show_message(f"Top {len(found)} by {self.metric} distance{among} in run {self.run_id}")
 

@@ -6,8 +6,10 @@ under a result), choose ``k``, compare two measures or two runs side by side, ke
 (neighbours of another sub-category); every thumbnail shows its id, labels and distance. Displayed in a
 notebook it also leaves a static HTML rendering of its first view, so saved notebooks and their HTML
 exports show the grid (hidden while the live widget is shown). :class:`RunVectors` holds one run's
-vectors, labels and exact indexes (also the app's search), :func:`relocate_paths` finds images whose
-stored absolute paths moved with their outputs folder.
+vectors, labels and indexes (also the app's search): the run's saved faiss index for a measure when
+:func:`cbir.index.build_index` made one and it is fresh, else exact search; each pane's caption says which
+index and recall, or exact and why. :func:`relocate_paths` finds images whose stored absolute paths moved
+with their outputs folder.
 
 ``neighbour_gallery(neighbours, catalog_df)`` returns a widget over precomputed neighbours: pick the
 measure (or model / measure tuple) and a query. ``static_gallery(...)`` draws the same as a matplotlib
@@ -29,6 +31,8 @@ import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from cbir.measures import get_measure
 
 from cbir.plots.retrieval import (MATCH_COLOUR, MISMATCH_COLOUR, QUERY_COLOUR, image_paths, neighbour_cards,
                                   plot_neighbour_grid, thumbnail, tuple_labels)
@@ -277,6 +281,20 @@ def distance_caption(rank: int, distance: float) -> str:
     return f"#{int(rank)} · d = {float(distance):.3f}"
 
 
+class _Served:
+    """How one measure is searched in a :class:`RunVectors`: the loaded faiss index (or None), per index
+    position the row of ``RunVectors.ids`` (-1: not searchable here), the searchable rows the index does not
+    hold (searched exactly), the caption and the stale-index warning."""
+
+    def __init__(self, how: str, *, loaded: Any = None, rows: np.ndarray | None = None,
+                 in_index: np.ndarray | None = None, rest: np.ndarray | None = None,
+                 warning: str | None = None) -> None:
+        self.how, self.loaded, self.rows, self.in_index, self.rest = how, loaded, rows, in_index, rest
+        self.warning = warning
+        self.n_unusable = 0 if rows is None else int((rows < 0).sum())
+        self.rest_index: ExactIndex | None = None
+
+
 class RunVectors:
     """One run's stored vectors and its own labels, searchable from any of its images or from a new vector.
 
@@ -285,13 +303,26 @@ class RunVectors:
     :func:`cbir.neighbours.run_search`). Labels: ``labels`` or ``store.run_labels(run_id)`` (the store's
     catalogue for runs recorded before run labels existed); their paths go through :func:`relocate_paths`
     with ``bases``. Exact indexes (:class:`cbir.search.ExactIndex`) and no-match thresholds are computed once
-    per measure."""
+    per measure.
+
+    With ``use_index`` (default) a measure whose saved faiss index exists and is fresh
+    (:func:`cbir.index.load_index`; cosine, euclidean and correlation only) is searched through it: its
+    candidates are re-ranked with exact float64 distances, as :func:`cbir.index.search_vectors` does. An
+    index holds the run's searchable images only (:func:`cbir.index.build_index` leaves the query split out
+    to measure recall on it): with ``searchable="catalog"`` that is exactly what is searched; with ``"all"``
+    (the app) the images the index does not hold (the query split) are searched exactly and merged by exact
+    distance, so every image with a vector can still be found and the caption says so. A stale index (the
+    run's vectors changed since the build) is not used: the measure is searched exactly and
+    :meth:`index_warning` says why. :meth:`how` is the caption: the index's label and recall, or exact and
+    why (manhattan, minkowski and chebyshev always: faiss cannot serve them)."""
 
     def __init__(self, store: Any, run_id: int, *, searchable: str = "all", bases: Sequence[str | os.PathLike] = (),
-                 p: float = 3.0, labels: pd.DataFrame | None = None, label: str | None = None) -> None:
+                 p: float = 3.0, labels: pd.DataFrame | None = None, label: str | None = None,
+                 use_index: bool = True) -> None:
         if searchable not in ("all", "catalog"):
             raise ValueError(f"searchable must be 'all' or 'catalog', got {searchable!r}")
         self.store, self.run_id, self.p = store, int(run_id), float(p)
+        self.use_index = bool(use_index)
         run = store.run(self.run_id)
         self.label = label or (f"run {self.run_id}: " + features_label(
             run["model"], run["layer"], run["pooling"], weights=run["weights"], variant=run.get("variant")))
@@ -313,6 +344,7 @@ class RunVectors:
                            else (split != "query").to_numpy(dtype=bool))
         self._rows = pd.Index(self.ids)
         self._indexes: dict[str, ExactIndex] = {}
+        self._served: dict[str, _Served] = {}
         self._thresholds: dict[tuple[str, float], float] = {}
 
     @property
@@ -325,6 +357,50 @@ class RunVectors:
         if metric not in self._indexes:
             self._indexes[metric] = ExactIndex(self.X[self.searchable], metric, p=self.p)
         return self._indexes[metric]
+
+    def _serve(self, metric: str) -> _Served:
+        """How ``metric`` is searched (the saved index loaded and checked once per measure)."""
+        if metric in self._served:
+            return self._served[metric]
+        from cbir.index import exact_how, index_how, load_index
+
+        if not self.use_index:
+            served = _Served(exact_how(metric, use_index=False))
+        else:
+            try:
+                loaded = load_index(self.store, self.run_id, metric)
+            except ValueError as exc:  # stale: the run's vectors changed since the build
+                loaded, served = None, _Served(exact_how(metric, "its saved index is stale; rebuild it with "
+                                                                 f"`cbir index build --run {self.run_id} "
+                                                                 f"--metric {metric}`"), warning=str(exc))
+            else:
+                served = _Served(exact_how(metric))
+            if loaded is not None:
+                rows = self._rows.get_indexer(np.asarray(loaded.ids).astype(str))  # -1: no vector here
+                ok = rows >= 0
+                ok[ok] = self.searchable[rows[ok]]
+                rows = np.where(ok, rows, -1)  # -1 too where the image is not searched here
+                in_index = np.zeros(len(self.ids), dtype=bool)
+                in_index[rows[rows >= 0]] = True
+                rest = np.flatnonzero(self.searchable & ~in_index)
+                how = index_how(loaded.info)
+                if len(rest):
+                    n_query = int((self.labels["split"].reindex(self.ids[rest]).astype(object) == "query").sum())
+                    what = "query-split images" if n_query == len(rest) else "images"
+                    how += f"; the {len(rest)} {what} it leaves out are searched exactly"
+                served = _Served(how, loaded=loaded, rows=rows, in_index=in_index, rest=rest)
+        self._served[metric] = served
+        return served
+
+    def how(self, metric: str) -> str:
+        """How ``metric`` is searched: the faiss index's label and measured recall (and file), or
+        ``"exact search (<metric>: <why>)"``."""
+        return self._serve(metric).how
+
+    def index_warning(self, metric: str) -> str | None:
+        """Why the saved index of ``metric`` is not used although one exists (stale: the run's vectors changed
+        since it was built), or None."""
+        return self._serve(metric).warning
 
     def vector(self, image_id: str) -> np.ndarray:
         """The stored vector of ``image_id``: float32[1, D]; ``KeyError`` when the run has none."""
@@ -344,20 +420,59 @@ class RunVectors:
         return out
 
     def search_vector(self, query: np.ndarray, *, metric: str, k: int = 5,
-                      exclude: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
+                      exclude: set[str] | frozenset[str] = frozenset(), use_index: bool = True) -> pd.DataFrame:
         """The ``k`` nearest searchable images of one vector (ids in ``exclude`` left out):
-        :data:`RESULT_COLUMNS`, nearest first (ties in store order)."""
+        :data:`RESULT_COLUMNS`, nearest first (ties in store order). Through the measure's saved index when
+        there is a fresh one (and ``use_index``), else exactly; ``.attrs["how"]`` says which (:meth:`how`)."""
+        from cbir.index import exact_how
+
+        served = self._serve(metric) if use_index else None
+        if served is not None and served.loaded is not None:
+            found, dist = self._search_served(served, np.asarray(query, dtype=np.float32).reshape(1, -1),
+                                              metric=metric, k=int(k), exclude=exclude)
+            return self._result(found, dist, metric, served.how)
+        how = served.how if served is not None else exact_how(metric, use_index=False)
         cat_ids = self.catalog_ids
         ex = np.array(sorted(exclude), dtype=str)
         n = min(len(cat_ids), int(k) + int(np.isin(cat_ids, ex).sum()))
         if n < 1:
-            return pd.DataFrame(columns=RESULT_COLUMNS)
+            return self._result(np.array([], dtype=str), np.array([], dtype=np.float64), metric, how)
         dist, idx = self.index(metric).search(np.asarray(query, dtype=np.float32).reshape(1, -1), n)
         found, dist = cat_ids[idx[0]], np.asarray(dist[0], dtype=np.float64)
         keep = ~np.isin(found, ex)
-        found, dist = found[keep][: int(k)], dist[keep][: int(k)]
+        return self._result(found[keep][: int(k)], dist[keep][: int(k)], metric, how)
+
+    def _search_served(self, served: _Served, Q: np.ndarray, *, metric: str, k: int,
+                       exclude: set[str] | frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, exact distances) of the top ``k``: the index's candidates (enough of them to make up for the
+        excluded ones it holds) and, exactly, the searchable images it does not hold; merged by exact distance."""
+        ex_rows = self._rows.get_indexer(np.array(sorted(exclude), dtype=str))
+        ex_rows = ex_rows[ex_rows >= 0]
+        excluded = np.zeros(len(self.ids), dtype=bool)
+        excluded[ex_rows] = True
+        rows = []
+        n = min(len(served.rows), k + served.n_unusable + int(served.in_index[ex_rows].sum()))
+        if n > 0:
+            _, pos = served.loaded.search(Q, n)
+            cand = served.rows[pos[0][pos[0] >= 0]]
+            cand = cand[cand >= 0]
+            rows.append(cand[~excluded[cand]][:k])
+        if len(served.rest):
+            if served.rest_index is None:
+                served.rest_index = ExactIndex(self.X[served.rest], metric, p=self.p)
+            m = min(len(served.rest), k + int(excluded[served.rest].sum()))
+            _, idx = served.rest_index.search(Q, m)
+            cand = served.rest[idx[0]]
+            rows.append(cand[~excluded[cand]][:k])
+        rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        dist = get_measure(metric).exact(np.repeat(Q.astype(np.float64), len(rows), 0),
+                                         np.asarray(self.X[rows], dtype=np.float64), self.p)
+        order = np.lexsort((rows, dist))[:k]  # exact distance, then store order
+        return self.ids[rows[order]], np.asarray(dist[order], dtype=np.float64)
+
+    def _result(self, found: np.ndarray, dist: np.ndarray, metric: str, how: str) -> pd.DataFrame:
         lab = self.labels.reindex(found)
-        return pd.DataFrame({
+        out = pd.DataFrame({
             "rank": np.arange(1, len(found) + 1),
             "image_id": found,
             "category": lab["category"].to_numpy(dtype=object),
@@ -366,6 +481,8 @@ class RunVectors:
             "similarity": similarity(metric, dist),
             "path": lab["path"].to_numpy(dtype=object),
         }, columns=RESULT_COLUMNS)
+        out.attrs["how"] = how
+        return out
 
     def search_image(self, image_id: str, *, metric: str, k: int = 5) -> pd.DataFrame:
         """The ``k`` nearest searchable images of a stored image, leaving out itself and its byte-identical copies."""
@@ -435,7 +552,10 @@ class NeighbourBrowser(widgets.VBox):
     ``back`` (the previous query), ``compare`` (show the second pane); ``panes[i].run`` / ``.metric`` per
     side, ``panes[i].buttons[j]`` ("search from this" under each result) and ``panes[i].shown`` (the rows on
     display: :data:`RESULT_COLUMNS` + ``match``). :meth:`snapshot_html` renders the current view as static
-    HTML; displayed in a notebook the browser shows it before the live widget (hidden while that is live)."""
+    HTML; displayed in a notebook the browser shows it before the live widget (hidden while that is live).
+    Each pane's title ends with a caption (class ``cbir-search-how``) saying how it searched: the run's faiss
+    index for the measure, its measured recall and file, or exact search and why
+    (:meth:`RunVectors.how`)."""
 
     def __init__(self, runs: RunVectors | Sequence[RunVectors], *, metrics: Sequence[str] | None = None,
                  metric: str | None = None, k: int = 5, max_k: int = 50, level: str = "subcategory",
@@ -540,7 +660,8 @@ class NeighbourBrowser(widgets.VBox):
         shown = (f"; showing the {len(pane.shown)} mistakes" if self.mistakes.value else "")
         return (f'<div class="cbir-pane-title" style="font-size:12px"><b>{html.escape(run.label)}</b> · '
                 f'{html.escape(pane.metric.value)}: {n_same} of {len(found)} same {html.escape(self.level)}'
-                f'{shown}</div>')
+                f'{shown}<div class="cbir-search-how" style="font-size:11px;color:#666">search: '
+                f'{html.escape(run.how(pane.metric.value))}</div></div>')
 
     def _search(self, pane: _Pane) -> str:
         """Fill ``pane.found`` / ``pane.shown``; returns the pane's title HTML."""
@@ -615,13 +736,14 @@ def neighbour_browser(store: Any, run_ids: int | Sequence[int], *, metrics: Sequ
                       metric: str | None = None, k: int = 5, searchable: str = "catalog", p: float = 3.0,
                       level: str = "subcategory", image: str | None = None, compare_metric: str | None = None,
                       compare_run: int | None = None, only_mistakes: bool = False, thumb: int = 80,
-                      bases: Sequence[str | os.PathLike] = ()) -> NeighbourBrowser:
+                      bases: Sequence[str | os.PathLike] = (), use_index: bool = True) -> NeighbourBrowser:
     """A :class:`NeighbourBrowser` over the stored vectors of ``run_ids`` in ``store`` (see
-    :class:`RunVectors` for ``searchable``, ``p`` and ``bases``; the store's folder is always a base)."""
+    :class:`RunVectors` for ``searchable``, ``p``, ``bases`` and ``use_index``: a run's fresh faiss index serves
+    its measure, else exact search; the store's folder is always a base)."""
     ids = [run_ids] if isinstance(run_ids, (int, np.integer)) else list(run_ids)
     folder = Path(getattr(store, "path", ".")).parent
     bases = [*bases, folder, *list(folder.parents)[:3]]
-    runs = [RunVectors(store, int(r), searchable=searchable, p=p, bases=bases) for r in ids]
+    runs = [RunVectors(store, int(r), searchable=searchable, p=p, bases=bases, use_index=use_index) for r in ids]
     return NeighbourBrowser(runs, metrics=metrics, metric=metric, k=k, level=level, image=image,
                             compare_metric=compare_metric, compare_run=compare_run, only_mistakes=only_mistakes,
                             thumb=thumb)

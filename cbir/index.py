@@ -49,7 +49,7 @@ from cbir.search import faiss_space, knn, recall_at_k, similarity
 
 __all__ = ["INDEX_KINDS", "INDEX_MEASURES", "FLAT_MAX", "IndexInfo", "LoadedIndex", "choose_kind",
            "index_dir", "build_index", "build_from_arrays", "load_index", "add_to_index", "search_vectors",
-           "search_image", "search_plan", "SearchResult"]
+           "search_image", "search_plan", "SearchResult", "index_how", "exact_how"]
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 INDEX_MEASURES: tuple[str, ...] = measure_names(faiss_index=True)
@@ -535,6 +535,21 @@ def add_to_index(store: Any, run_id: int, metric: str = "cosine", *, ids: Sequen
 
 
 # ---------------------------------------------------------------------------------------- queries
+def index_how(info: IndexInfo) -> str:
+    """How a search through the index of ``info`` is described: its label (kind, setting, measured recall) and
+    file, e.g. ``"faiss Flat, recall@5 1.000 (index run1-cosine-flat.faiss; distances re-ranked exactly)"``."""
+    return f"{info.label} (index {Path(info.path).name}; distances re-ranked exactly)"
+
+
+def exact_how(metric: str, why: str | None = None, *, use_index: bool = True) -> str:
+    """``"exact search (<metric>: <why>)"``; ``why`` by default: "faiss cannot serve it" (manhattan, minkowski,
+    chebyshev), "no index built for it", or "asked for exact search" (``use_index=False``)."""
+    if why is None:
+        why = ("faiss cannot serve it" if metric not in INDEX_MEASURES else
+               "no index built for it" if use_index else "asked for exact search")
+    return f"exact search ({metric}: {why})"
+
+
 @dataclass
 class SearchResult:
     """Neighbours of one query and how they were found: ``how`` names the index and its measured recall, or
@@ -561,7 +576,7 @@ def search_vectors(store: Any, run_id: int, query_X: Any, *, k: int = 10, metric
         found = loaded.ids[pos[0][pos[0] >= 0]]
         X = store.features(int(run_id), found)[1]
         dist = measure.exact(np.repeat(Q.astype(np.float64), len(found), 0), X.astype(np.float64), p)
-        how = f"{loaded.info.label} (index {Path(loaded.info.path).name}; distances re-ranked exactly)"
+        how = index_how(loaded.info)
     else:
         ids, _ = _store_ids(store, run_id)
         found_d, found_i = [], []
@@ -572,9 +587,7 @@ def search_vectors(store: Any, run_id: int, query_X: Any, *, k: int = 10, metric
         D, I = np.concatenate(found_d), np.concatenate(found_i)
         order = np.lexsort((I, D))[:k]
         found, dist = ids[I[order]], D[order]
-        why = ("faiss cannot serve it" if metric not in INDEX_MEASURES else
-               "no index built for it" if use_index else "asked for exact search")
-        how = f"exact search ({metric}: {why})"
+        how = exact_how(metric, use_index=use_index)
     order = np.lexsort((np.arange(len(found)), dist))[:k]  # exact distance, then index order
     found, dist = found[order], dist[order]
     labels = store.run_labels(int(run_id)).set_index("image_id").reindex(found)
@@ -597,9 +610,8 @@ def search_plan(store: Any, run_id: int, metrics: Sequence[str]) -> pd.DataFrame
                          "how": f"exact search ({exc})"})
             continue
         if loaded is None:
-            why = "faiss cannot serve it" if metric not in INDEX_MEASURES else "no index built for it"
             rows.append({"metric": metric, "index": None, "recall_at_k": np.nan, "k": np.nan,
-                         "how": f"exact search ({metric}: {why})"})
+                         "how": exact_how(metric)})
         else:
             rows.append({"metric": metric, "index": Path(loaded.info.path).name, "recall_at_k": loaded.info.recall,
                          "k": loaded.info.k, "how": loaded.info.label})

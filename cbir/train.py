@@ -734,6 +734,7 @@ def train(catalog: Any, config: TrainConfig, out_dir: str | os.PathLike, *, cach
 
     parents = (split.drop_duplicates("subcategory").set_index("subcategory")["category"].astype(str).to_dict()
                if config.label == "subcategory" else {})
+    parents[OTHER] = OTHER  # the merged small classes span categories: their category is "other" too
     _write_json(out / "classes.json", {"label": config.label, "classes": classes if method.classes else [],
                                        "parents": {c: parents[c] for c in classes if c in parents}})
     split[["image_id", "sha1", "class", "part", "cached"]].to_csv(out / "split.csv", index=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 
 import matplotlib.colors as mcolors
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.spatial.distance import cdist
 
 from cbir import evaluate as ev
 from cbir.gallery import NeighbourGallery, neighbour_gallery, static_gallery, thumbnail_base64
@@ -295,3 +297,61 @@ def test_browser_leaves_a_static_rendering_for_saved_notebooks_and_html_exports(
     for image_id in ids:
         assert f'data-id="{image_id}"' in body
     assert body.count("data:image/jpeg;base64,") >= 11
+
+
+def test_browser_searches_through_the_runs_index_and_its_caption_names_it(tmp_path, monkeypatch):
+    """Notebook 02's browser (searchable catalogue) uses the run's faiss index for a measure it serves: the
+    index's neighbours (re-ranked exactly), and the pane's caption names the index and its recall; Manhattan
+    stays exact and says why; a stale index is not used."""
+    import cbir.index
+    from cbir.gallery import NeighbourBrowser, RunVectors
+    from cbir.index import build_index, load_index
+    from cbir.store import FeatureStore
+
+    X = np.random.default_rng(5).standard_normal((500, 16)).astype(np.float32)  # no clusters: IVF cells cut through
+    ids = np.array([f"img{i:04d}" for i in range(500)])
+    labels = pd.DataFrame({"image_id": ids, "path": "", "split": np.where(np.arange(500) < 10, "query", "catalog"),
+                           "category": [f"c{i % 3}" for i in range(500)],
+                           "subcategory": [f"s{i % 7}" for i in range(500)]})
+    store = FeatureStore(tmp_path / "s.sqlite")
+    store.put_catalog(labels)
+    run_id = store.start_run({"model": "toy", "layer": None, "pooling": None})
+    store.put_run_labels(run_id, labels)
+    store.put_features(run_id, ids, X)
+    store.finish_run(run_id)
+    # timings are noise on a busy machine: timed equal, the build keeps the smallest setting reaching the target
+    monkeypatch.setattr(cbir.index, "_timed", lambda fn, rounds=3: (0.0, fn()))
+    info = build_index(store, run_id, metric="cosine", kind="ivf", target_recall=0.05, n_eval_queries=100)
+    loaded = load_index(store, run_id, "cosine")
+    assert info.search_value == 1 and set(loaded.ids) == set(ids[10:])  # the index holds the searchable catalogue
+
+    def index_top(image_id, k=5):  # the index's candidates without the image itself, re-ranked exactly
+        q = X[[list(ids).index(image_id)]].astype(np.float64)
+        _, pos = loaded.search(q, k + 1)
+        cand = [i for i in loaded.ids[pos[0]] if i != image_id][:k]
+        d = cdist(q, X[np.searchsorted(ids, cand)].astype(np.float64), "cosine")[0]
+        return [cand[j] for j in np.argsort(d, kind="stable")]
+
+    def exact_top(image_id, k=5):
+        q = X[[list(ids).index(image_id)]].astype(np.float64)
+        d = cdist(q, X[10:].astype(np.float64), "cosine")[0]
+        return [i for i in ids[10:][np.argsort(d, kind="stable")] if i != image_id][:k]
+
+    missed = [i for i in ids if index_top(i) != exact_top(i)]
+    assert missed  # nprobe=1 misses some neighbours: the index is not exact search in disguise
+    b = NeighbourBrowser(RunVectors(store, run_id, searchable="catalog"), metrics=["cosine", "manhattan"], k=5,
+                         image=missed[0], compare_metric="manhattan")
+    a, other = b.panes
+    assert a.shown["image_id"].tolist() == index_top(missed[0]) != exact_top(missed[0])
+    caption = html.unescape(a.title.value)
+    assert f'search: {info.label} (index run{run_id}-cosine-ivf.faiss; distances re-ranked exactly)</div>' in caption
+    assert "recall@5 " in info.label and "leaves out" not in caption  # the catalogue is exactly what it holds
+    assert "search: exact search (manhattan: faiss cannot serve it)" in html.unescape(other.title.value)
+    assert 'class="cbir-search-how"' in b.snapshot_html()
+    # the run's vectors change: the index is stale, the browser searches exactly and says so
+    store.put_features(run_id, ids[200:201], X[201:202])
+    X[200] = X[201]
+    b = NeighbourBrowser(RunVectors(store, run_id, searchable="catalog"), metrics=["cosine"], k=5, image=missed[0])
+    assert b.panes[0].shown["image_id"].tolist() == exact_top(missed[0])
+    assert (f"search: exact search (cosine: its saved index is stale; rebuild it with `cbir index build --run "
+            f"{run_id} --metric cosine`)") in html.unescape(b.panes[0].title.value)

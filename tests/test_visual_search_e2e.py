@@ -9,6 +9,7 @@ gets the error message. The browser tests skip when /usr/bin/chromium, Playwrigh
 """
 from __future__ import annotations
 
+import html
 import io
 import os
 import re
@@ -427,6 +428,111 @@ def test_no_close_match_warning_is_calibrated_on_the_catalogue(hist_store):
     upload("catalogue.jpg", Path(catalog.at[catalog.index[6], "path"]).read_bytes())
     assert "cbir-warning" not in c["message"].value and app.shown["distance"].iloc[0] == pytest.approx(0, abs=1e-6)
     assert app.no_match_warning(app.shown) is None
+
+
+# ------------------------------------------------------------------ the app through a built faiss index
+def _index_store(path, n=600, n_queries=12, seed=0):
+    """A store with one colour-histogram run (bins=8: 24-d, so uploads are embedded by the real extractor) whose
+    vectors are synthetic: 20 clusters; the first ``n_queries`` images are the query split, each a near copy
+    (+0.01) of catalogue image ``img0100 + i``. Returns ``(store, run_id, ids, X)``."""
+    from cbir.backbones import build_extractor
+    from cbir.store import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    centres = rng.random((20, 24)) * 3
+    X = (centres[rng.integers(0, 20, n)] + rng.random((n, 24))).astype(np.float32)
+    X[:n_queries] = X[100:100 + n_queries] + 0.01
+    ids = np.array([f"img{i:04d}" for i in range(n)])
+    labels = pd.DataFrame({"image_id": ids, "path": [f"/nowhere/{i}.jpg" for i in ids],
+                           "split": np.where(np.arange(n) < n_queries, "query", "catalog"),
+                           "category": [f"c{i % 3}" for i in range(n)], "subcategory": [f"s{i % 7}" for i in range(n)]})
+    store = FeatureStore(path)
+    store.put_catalog(labels)
+    run_id = store.start_run(build_extractor("color_hist", bins=8).identity())
+    store.put_run_labels(run_id, labels)
+    store.put_features(run_id, ids, X)
+    store.finish_run(run_id)
+    return store, run_id, ids, X
+
+
+def _noise_png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _app_upload(app, name, data):
+    app.controls["upload"].value = ({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
+                                     "last_modified": datetime(2024, 1, 1, tzinfo=timezone.utc)},)
+
+
+def test_upload_search_goes_through_the_runs_index_and_says_which(tmp_path, monkeypatch):
+    import cbir.index
+    from cbir.index import build_index, load_index
+
+    store, run_id, ids, X = _index_store(tmp_path / "s.sqlite")
+    # timings are noise on a busy machine: timed equal, the build keeps the smallest setting reaching the target
+    monkeypatch.setattr(cbir.index, "_timed", lambda fn, rounds=3: (0.0, fn()))
+    info = build_index(store, run_id, metric="cosine", kind="ivf", target_recall=0.5, n_eval_queries=200)
+    assert info.search_value == 1  # one IVF cell per query: an index that can miss neighbours
+    loaded = load_index(store, run_id, "cosine")
+    assert not np.isin(ids[:12], loaded.ids).any()  # the index holds the searchable images only
+    app = VisualSearchApp(store)
+    app.widget(preload=False)
+    c = app.controls
+    assert app.search_how() == (f"{info.label} (index run{run_id}-cosine-ivf.faiss; distances re-ranked exactly); "
+                                "the 12 query-split images it leaves out are searched exactly")
+    assert "recall@5 " in info.label and html.escape(f"search: {app.search_how()}") in c["run_info"].value
+    # photos where the index (nprobe=1) misses an exact neighbour: the app shows the index's list
+    missed = 0
+    for seed in range(5):
+        data = _noise_png(seed)
+        q = app.embed_bytes(data, "p.png").astype(np.float64)
+        _, pos = loaded.search(q, 5)
+        candidates = np.concatenate([loaded.ids[pos[0]], ids[:12]])  # + the query split, searched exactly
+        d = cdist(q, X[np.searchsorted(ids, candidates)].astype(np.float64), "cosine")[0]
+        want = list(candidates[np.argsort(d, kind="stable")[:5]])
+        exact, _ = _reference(X, ids, q[0], "cosine")
+        _app_upload(app, f"p{seed}.png", data)
+        assert app.shown["image_id"].tolist() == want and app.shown.attrs["how"] == app.search_how()
+        np.testing.assert_allclose(app.shown["distance"], np.sort(d)[:5], rtol=1e-9)  # exact distances
+        missed += want != exact
+    assert missed >= 1
+    # a catalogue image whose nearest neighbour is a query-split image (not in the index) finds it first
+    found = app.search_catalog_image("img0100")
+    assert found["image_id"].iloc[0] == "img0000" and "img0100" not in found["image_id"].tolist()
+    # Manhattan cannot be served by faiss: exact, and the run-info line says so
+    c["metric"].value = "manhattan"
+    assert "search: exact search (manhattan: faiss cannot serve it)" in c["run_info"].value
+    data = _noise_png(0)
+    _app_upload(app, "p.png", data)
+    want, want_d = _reference(X, ids, app.embed_bytes(data, "p.png")[0], "manhattan")
+    assert app.shown["image_id"].tolist() == want and app.shown.attrs["how"] == app.search_how("manhattan")
+    np.testing.assert_allclose(app.shown["distance"], want_d, rtol=1e-9)
+
+
+def test_a_stale_index_is_a_warning_and_the_search_exact(tmp_path):
+    from cbir.index import build_index
+
+    store, run_id, ids, X = _index_store(tmp_path / "s.sqlite")
+    build_index(store, run_id, metric="cosine", kind="flat", n_eval_queries=50)
+    X[300] = X[301]
+    store.put_features(run_id, ids[300:301], X[300:301])  # re-extracted since the build
+    app = VisualSearchApp(store)
+    app.widget(preload=False)
+    c = app.controls
+    assert ("search: exact search (cosine: its saved index is stale; rebuild it with `cbir index build --run "
+            f"{run_id} --metric cosine`)") in html.unescape(c["run_info"].value)
+    data = _noise_png(1)
+    _app_upload(app, "p.png", data)
+    want, want_d = _reference(X, ids, app.embed_bytes(data, "p.png")[0], "cosine")
+    assert app.shown["image_id"].tolist() == want  # exact, over every image, the changed vector included
+    np.testing.assert_allclose(app.shown["distance"], want_d, rtol=1e-5, atol=1e-7)
+    lines = re.findall(r'<div class="cbir-warning"[^>]*>([^<]*)</div>', c["message"].value)
+    stale = [html.unescape(line) for line in lines if "stale" in line]
+    assert len(stale) == 1 and stale[0].endswith(f"rebuild it with `cbir index build --run {run_id} --metric "
+                                                 "cosine`. This search was exact.")
+    assert f"run{run_id}-cosine-flat.faiss: the index of run {run_id} is stale" in stale[0]
 
 
 def test_thumbnails_are_found_after_the_outputs_folder_moves(tmp_path):
