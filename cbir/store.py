@@ -54,6 +54,8 @@ SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 60_000
 _WRITE_RETRIES = 20
 _VECTOR_DTYPE = np.dtype("<f4")
+READ_CHUNK = 4096
+"""Rows per step when vectors are read (:meth:`FeatureStore.features`, :meth:`FeatureStore.iter_features`)."""
 
 #: Standard catalogue columns kept as table columns; every other column goes into ``extra`` (JSON).
 IMAGE_COLUMNS = ("path", "category", "subcategory", "split", "is_fashion", "product_id", "dup_group")
@@ -856,57 +858,113 @@ class FeatureStore:
 
     def features(self, run_id: int, ids: Sequence[str] | np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids[N] str, X[N, D] float32)`` of a run in one query.
+        """``(ids[N] str, X[N, D] float32)`` of a run, read in one snapshot of the store.
 
         With ``ids`` the rows follow ``ids`` exactly (a ``KeyError`` names the ids without a vector);
         without, every stored vector in catalogue order (vectors of images absent from the catalogue last).
         Every vector read is checked (its CRC-32 and finiteness): a damaged one raises :class:`StoreError`
         naming the store, the run and the ids.
+
+        Memory: about the size of ``X`` itself. The order is decided first from the ids alone, ``X`` is
+        allocated once and the vectors are streamed into their rows :data:`READ_CHUNK` at a time (never all
+        blobs at once). :meth:`iter_features` streams a run in chunks instead.
         """
         with self._lock, self._sqlite_errors():
             con = self._connect()
             _, dim = self._require_run(con, run_id)
-            if ids is None:
-                # No ORDER BY: sorting the blobs in SQLite costs twice the read; order by catalogue row in numpy.
-                rows = con.execute(
-                    "SELECT f.image_id, f.vector, i.rowid, f.crc32 FROM features f LEFT JOIN images i"
-                    " ON i.image_id = f.image_id WHERE f.run_id = ?", (int(run_id),)).fetchall()
-            else:
-                wanted = [str(i) for i in ids]
-                rows = con.execute(
-                    "SELECT f.image_id, f.vector, 0, f.crc32 FROM features f WHERE f.run_id = ? AND f.image_id IN"
-                    " (SELECT value FROM json_each(?))", (int(run_id), _dumps(wanted))).fetchall()
-        dim = int(dim or 0)
-        got_ids, blobs, pos, crcs = zip(*rows) if rows else ((), (), (), ())
-        self._check_vectors(run_id, dim, got_ids, blobs, crcs)
-        if ids is None:
-            pos = np.array([-1 if p is None else p for p in pos], dtype=np.int64)
-            order = np.lexsort((pos, pos < 0))  # catalogue order; ids absent from the catalogue last
-        else:
-            order = pd.Index(got_ids, dtype=object).get_indexer(wanted)
-            if (order < 0).any():
-                missing = [w for w, o in zip(wanted, order) if o < 0]
-                raise KeyError(f"{self.path}: run {run_id} has no vector for {len(missing)} id(s),"
-                               f" e.g. {missing[:5]}")
-        buffer = bytearray().join([blobs[i] for i in order])  # one copy, writable
-        X = np.frombuffer(buffer, dtype=_VECTOR_DTYPE).reshape(len(order), dim).astype(np.float32, copy=False)
-        out_ids = np.array([got_ids[i] for i in order] if ids is None else wanted, dtype=str)
-        bad = ~np.isfinite(X).all(axis=1)
-        if bad.any():
-            raise StoreError(f"{self.path}: run {run_id}: stored vector(s) of {sorted(set(out_ids[bad]))[:10]} hold "
+            dim = int(dim or 0)
+            con.execute("BEGIN")  # one read snapshot: the ids and the blobs agree even while others write
+            try:
+                if ids is None:
+                    out_ids = self._catalogue_order(con, run_id)
+                    unique, first = out_ids, np.arange(len(out_ids))
+                    cursor = con.execute("SELECT image_id, vector, crc32 FROM features WHERE run_id = ?",
+                                         (int(run_id),))
+                else:
+                    out_ids = np.array([str(i) for i in ids], dtype=str)
+                    codes, unique = pd.factorize(out_ids.astype(object), sort=False)
+                    first = np.empty(len(unique), dtype=np.int64)  # each distinct id's first row
+                    first[codes[::-1]] = np.arange(len(out_ids))[::-1]
+                    cursor = con.execute(
+                        "SELECT image_id, vector, crc32 FROM features WHERE run_id = ? AND image_id IN"
+                        " (SELECT value FROM json_each(?))", (int(run_id), _dumps(list(unique))))
+                X = np.empty((len(out_ids), dim), dtype=np.float32)
+                filled, non_finite = self._read_vectors(cursor, run_id, dim, pd.Index(unique, dtype=object),
+                                                        first, X)
+            finally:
+                if con.in_transaction:
+                    con.execute("COMMIT")
+        if not filled.all():
+            missing = [str(u) for u in np.asarray(unique)[~filled]]
+            if ids is None:  # only possible if the order and the blobs disagreed: never within one snapshot
+                raise StoreError(f"{self.path}: run {run_id}: {len(missing)} vector(s) vanished while being read,"
+                                 f" e.g. {missing[:5]}")
+            raise KeyError(f"{self.path}: run {run_id} has no vector for {len(missing)} id(s), e.g. {missing[:5]}")
+        if non_finite:
+            raise StoreError(f"{self.path}: run {run_id}: stored vector(s) of {sorted(set(non_finite))[:10]} hold "
                              "non-finite values (NaN or infinite): the store is damaged; re-extract them")
+        if ids is not None and len(unique) < len(out_ids):  # repeated ids: copy their first row
+            again = np.flatnonzero(first[codes] != np.arange(len(out_ids)))
+            X[again] = X[first[codes[again]]]
         return out_ids, X
 
-    def _check_vectors(self, run_id: int, dim: int, ids: Sequence[str], blobs: Sequence[bytes],
-                       crcs: Sequence[int | None]) -> None:
-        """Raise :class:`StoreError` naming the ids whose blob fails its CRC-32 or has the wrong size (CRCs are
-        NULL for vectors written before schema 2: size only; :meth:`features` checks finiteness)."""
+    def iter_features(self, run_id: int, *, chunk: int = READ_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(ids[n] str, X[n, D] float32)`` chunks of at most ``chunk`` rows covering every stored vector
+        of ``run_id`` in catalogue order (the order of :meth:`features`; vectors of images absent from the
+        catalogue last), checked like :meth:`features`. Memory: one chunk. The order is fixed when iteration
+        starts; each chunk is read in its own snapshot (a vector deleted meanwhile is a ``KeyError``)."""
+        if int(chunk) < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        with self._lock, self._sqlite_errors():
+            con = self._connect()
+            self._require_run(con, run_id)
+            order = self._catalogue_order(con, run_id)
+        for start in range(0, len(order), int(chunk)):
+            yield self.features(run_id, order[start:start + int(chunk)])
+
+    def _catalogue_order(self, con: sqlite3.Connection, run_id: int) -> np.ndarray:
+        """The ids of ``run_id``'s vectors in catalogue order (those absent from the catalogue last, by id),
+        from the ids alone (an index scan: no vector is read)."""
+        # No ORDER BY: sorting in SQLite costs more than sorting the catalogue rows in numpy.
+        rows = con.execute("SELECT f.image_id, i.rowid FROM features f LEFT JOIN images i"
+                           " ON i.image_id = f.image_id WHERE f.run_id = ?", (int(run_id),)).fetchall()
+        if not rows:
+            return np.zeros(0, dtype=str)
+        got_ids, pos = zip(*rows)
+        got_ids = np.array(got_ids, dtype=str)
+        pos = np.array([-1 if p is None else p for p in pos], dtype=np.int64)
+        return got_ids[np.lexsort((got_ids, pos, pos < 0))]  # catalogue row; absent ones last, by id
+
+    def _read_vectors(self, cursor: sqlite3.Cursor, run_id: int, dim: int, where: pd.Index,
+                      first: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Copy the ``(image_id, vector, crc32)`` rows of ``cursor`` into ``X[first[where.get_loc(id)]]``,
+        :data:`READ_CHUNK` rows at a time, checking each blob's size, CRC-32 (NULL for vectors written before
+        schema 2: size only) and finiteness. Returns (which of ``where`` were found, the ids holding non-finite
+        values); raises :class:`StoreError` naming the damaged ids once every row has been seen."""
         width = dim * _VECTOR_DTYPE.itemsize
-        damaged = [i for i, b, c in zip(ids, blobs, crcs)
-                   if len(b) != width or (c is not None and c != _crc32(i, b))]
+        filled = np.zeros(len(where), dtype=bool)
+        damaged: list[str] = []
+        non_finite: list[str] = []
+        while rows := cursor.fetchmany(READ_CHUNK):
+            good = [(i, b) for i, b, c in rows if len(b) == width and (c is None or c == _crc32(i, b))]
+            if len(good) < len(rows):
+                damaged += [i for i, b, c in rows if len(b) != width or (c is not None and c != _crc32(i, b))]
+            if not good:
+                continue
+            got = [i for i, _ in good]
+            block = np.frombuffer(b"".join([b for _, b in good]), dtype=_VECTOR_DTYPE).reshape(len(good), dim)
+            at = where.get_indexer(got)
+            if (at < 0).any():  # cannot happen within one snapshot; never write a row by a -1
+                raise StoreError(f"{self.path}: run {run_id}: vectors changed while being read; read again")
+            X[first[at]] = block
+            filled[at] = True
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                non_finite += [i for i, b in zip(got, bad) if b]
         if damaged:
             raise StoreError(f"{self.path}: run {run_id}: {len(damaged)} stored vector(s) are damaged (checksum "
                              f"or size mismatch): {damaged[:10]}; re-extract them into a new store or restore a backup")
+        return filled, non_finite
 
     # -- neighbours -------------------------------------------------------------------------
     def put_neighbours(self, run_id: int, metric: str, df: pd.DataFrame, *, tag: str = "",

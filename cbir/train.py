@@ -734,7 +734,8 @@ def train(catalog: Any, config: TrainConfig, out_dir: str | os.PathLike, *, cach
 
     parents = (split.drop_duplicates("subcategory").set_index("subcategory")["category"].astype(str).to_dict()
                if config.label == "subcategory" else {})
-    parents[OTHER] = OTHER  # the merged small classes span categories: their category is "other" too
+    if config.label == "subcategory":
+        parents[OTHER] = OTHER  # the merged small classes span categories: their category is "other" too
     _write_json(out / "classes.json", {"label": config.label, "classes": classes if method.classes else [],
                                        "parents": {c: parents[c] for c in classes if c in parents}})
     split[["image_id", "sha1", "class", "part", "cached"]].to_csv(out / "split.csv", index=False)
@@ -775,7 +776,7 @@ def training_report(model_dir: str | os.PathLike) -> dict[str, Any]:
            **{f"{p}_images": n for p, n in metrics["images"].items()}, "train_samples": metrics["train_samples"],
            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in metrics["test"].items() if k != "n"}}
     out: dict[str, Any] = {"summary": pd.DataFrame([row]), "history": pd.read_csv(folder / "history.csv"),
-                           "seconds": metrics.get("wall_seconds")}
+                           "seconds": metrics.get("wall_seconds"), "cache_seconds": metrics.get("cache_seconds")}
     if (folder / "per_class.csv").is_file():
         out["per_class"] = pd.read_csv(folder / "per_class.csv")
         out["confusion"] = pd.read_csv(folder / "confusion.csv", index_col=0)

@@ -258,6 +258,77 @@ def test_reading_many_wide_vectors_is_exact(fs):
     np.testing.assert_array_equal(got, X)
 
 
+def _wide_run(fs: FeatureStore, n: int, d: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """A run of ``n`` x ``d`` vectors written in shuffled batches; the last 5 ids are not in the catalogue."""
+    ids = np.array([f"p{i:05d}" for i in range(n)])
+    fs.put_catalog(pd.DataFrame({"image_id": ids[:-5], "path": ids[:-5]}))
+    run_id = fs.start_run({**IDENTITY, "dim": d})
+    X = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    order = np.random.default_rng(1).permutation(n)
+    for start in range(0, n, 300):
+        sel = order[start:start + 300]
+        fs.put_features(run_id, ids[sel], X[sel])
+    return run_id, ids, X
+
+
+def test_features_stream_into_one_array_at_about_the_size_of_the_data(fs, monkeypatch):
+    import tracemalloc
+
+    run_id, ids, X = _wide_run(fs, 2000, 1280)
+    monkeypatch.setattr(store_module, "READ_CHUNK", 128)  # 16 chunks
+    fs.features(run_id, ids[:10])  # the connection and its caches exist before measuring
+    tracemalloc.start()
+    try:
+        got_ids, got = fs.features(run_id)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (got_ids == ids).all()  # catalogue order; the 5 ids outside it last, by id
+    np.testing.assert_array_equal(got, X)
+    # X itself (10.2 MB) plus one chunk of blobs (128 x 5 kB) and the ids; reading all blobs first was 2x
+    assert X.nbytes <= peak < 1.2 * X.nbytes, peak / X.nbytes
+    # given ids, repeated and spread over many chunks, come back in their order
+    want = np.concatenate([ids[::-7], ids[3:900:2], ids[::-7]])
+    got_ids, got = fs.features(run_id, want)
+    assert got_ids.tolist() == want.tolist()
+    np.testing.assert_array_equal(got, X[[int(i[1:]) for i in want]])
+
+
+def test_iter_features_yields_the_run_in_catalogue_order_chunk_by_chunk(fs):
+    run_id, ids, X = _wide_run(fs, 1000, 64)
+    chunks = list(fs.iter_features(run_id, chunk=300))
+    assert [len(c[0]) for c in chunks] == [300, 300, 300, 100] and all(c[1].shape[1] == 64 for c in chunks)
+    assert np.concatenate([c[0] for c in chunks]).tolist() == fs.features(run_id)[0].tolist() == ids.tolist()
+    np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), X)
+    assert chunks[0][1].dtype == np.float32 and chunks[0][1].flags.writeable
+    empty = fs.start_run({**IDENTITY, "pooling": "mac"})
+    assert list(fs.iter_features(empty)) == []
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        next(fs.iter_features(run_id, chunk=0))
+    with pytest.raises(RunNotFoundError, match="run 99 not found"):
+        next(fs.iter_features(99))
+
+
+def test_damaged_vectors_in_different_chunks_are_all_counted_and_named(tmp_path, monkeypatch):
+    path = tmp_path / "f.sqlite"
+    fs = FeatureStore(path)
+    run_id, ids, X = _wide_run(fs, 600, 128)
+    fs.close()
+    for i in (37, 512):
+        _flip_bytes_in_file(path, X[i].tobytes(), 40, 64)
+    monkeypatch.setattr(store_module, "READ_CHUNK", 50)
+    fs = FeatureStore(path)
+    with pytest.raises(StoreError, match=r"f.sqlite: run \d+: 2 stored vector\(s\) are damaged.*'p00037'.*'p00512'"):
+        fs.features(run_id)
+    with pytest.raises(StoreError, match=r"1 stored vector\(s\).*\['p00512'\]"):
+        fs.features(run_id, ids[500:520])
+    seen = []
+    with pytest.raises(StoreError, match=r"\['p00512'\]"):
+        for chunk_ids, _ in fs.iter_features(run_id, chunk=100):
+            seen.append(len(chunk_ids))
+    assert seen == [100] * 5  # chunks before the damaged one were delivered whole
+
+
 def test_delete_run_cascades(fs):
     fs.put_catalog(_catalog())
     run_id = fs.start_run(IDENTITY)

@@ -321,3 +321,22 @@ def test_metric_and_autoencoders_train_end_to_end(classifier, tmp_path):
     assert originals.shape == recon.shape == (2, 64, 64, 3) and recon.dtype == np.uint8
     with pytest.raises(TrainingError, match="not an autoencoder"):
         reconstruct(metric, paths)
+
+
+@pytest.mark.slow
+def test_cbir_train_command_end_to_end(classifier, demo_dir, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "cbir.cli", "train", "--catalog", str(demo_dir / "manifest.csv"), "--backbone",
+           "efficientnet_lite0", "--method", "classifier", "--label", "category", "--out", str(out), "--epochs", "2",
+           "--fine-tune-epochs", "0", "--n-queries", "28", "--cache", str(classifier["dir"].parent / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{out / 'model.keras'}: classifier on" in proc.stdout and "test (" in proc.stdout
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["label"] == "category" and classes["parents"] == {}
+    assert len(classes["classes"]) == classifier["catalog"].searchable().df["category"].nunique()
+    stamp = (out / "model.keras").stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # the same settings: kept, not retrained
+    assert again.returncode == 0 and (out / "model.keras").stat().st_mtime_ns == stamp
+    bad = subprocess.run(cmd[:-2] + ["--blocks", "9"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "at most 3 block(s)" in bad.stderr
