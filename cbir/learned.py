@@ -7,7 +7,7 @@ complete run of the same labelling in the store (ImageNet backbones, descriptors
 - :func:`comparable_runs`: the store's complete runs on this labelling, marked ``trained`` or not;
 - :func:`retrieval_comparison`: top-k category and sub-category match with bootstrap CIs per run, on all queries
   or a subset (the open-set queries: sub-categories held out of training), and the paired test of one run
-  against the best other run (sign-flip permutation and Wilcoxon, :func:`cbir.stats.paired_test`), with a
+  against the best run that is not a trained model (sign-flip permutation and Wilcoxon, :func:`cbir.stats.paired_test`), with a
   verdict that says "tie" when the test cannot separate them.
 """
 from __future__ import annotations
@@ -52,10 +52,13 @@ def open_set_queries(labels: pd.DataFrame, query_ids: Sequence[str], holdout: Se
 def retrieval_comparison(store: Any, run_ids: Sequence[int], *, query_ids: Sequence[str],
                          catalog_ids: Sequence[str], labels: pd.DataFrame, focus: int, metric: str = "cosine",
                          k: int = 5, subset: Sequence[str] | None = None, score: str = "subcategory_match",
-                         n_perm: int = 10000, seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
+                         against: str = "untrained", n_perm: int = 10000,
+                         seed: int = 0) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``(table, test)``: each run's top-``k`` match (``metric``) with 95% bootstrap CIs over the queries (all,
     or those in ``subset``), best first by ``score``; and the paired test of run ``focus`` against the best of
-    the other runs on ``score`` (``verdict``: ``better`` / ``worse`` when p < 0.05, else ``tie``).
+    the other runs on ``score`` (``verdict``: ``better`` / ``worse`` when p < 0.05, else ``tie``): the best run that
+    is not a trained model (``against="untrained"``: the best ImageNet or handcrafted run, when there is one), or
+    the best of all the others (``against="all"``).
 
     The queries must have a vector in every run (those that do not are left out of every run, so the runs are
     compared on the same queries)."""
@@ -83,6 +86,8 @@ def retrieval_comparison(store: Any, run_ids: Sequence[int], *, query_ids: Seque
         rows.append(row)
     table = pd.DataFrame(rows).sort_values([score, "run_id"], ascending=[False, True], kind="stable")
     others = table.loc[table["run_id"] != int(focus)]
+    if against == "untrained" and (~others["trained"]).any():
+        others = others.loc[~others["trained"]]
     test: dict[str, Any] = {"focus": int(focus), "score": score, "metric": metric, "k": int(k)}
     if not others.empty:
         rival = int(others.iloc[0]["run_id"])

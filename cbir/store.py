@@ -911,8 +911,9 @@ class FeatureStore:
     def iter_features(self, run_id: int, *, chunk: int = READ_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(ids[n] str, X[n, D] float32)`` chunks of at most ``chunk`` rows covering every stored vector
         of ``run_id`` in catalogue order (the order of :meth:`features`; vectors of images absent from the
-        catalogue last), checked like :meth:`features`. Memory: one chunk. The order is fixed when iteration
-        starts; each chunk is read in its own snapshot (a vector deleted meanwhile is a ``KeyError``)."""
+        catalogue last), checked like :meth:`features`. Memory: a few chunks (the one being read, its blobs, and
+        the one the caller holds), whatever the run's size. The order is fixed when iteration starts; each chunk
+        is read in its own snapshot (a vector deleted meanwhile is a ``KeyError``)."""
         if int(chunk) < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
         with self._lock, self._sqlite_errors():
@@ -945,14 +946,17 @@ class FeatureStore:
         filled = np.zeros(len(where), dtype=bool)
         damaged: list[str] = []
         non_finite: list[str] = []
-        while rows := cursor.fetchmany(READ_CHUNK):
+        while True:
+            rows = cursor.fetchmany(READ_CHUNK)
+            if not rows:
+                break
             good = [(i, b) for i, b, c in rows if len(b) == width and (c is None or c == _crc32(i, b))]
             if len(good) < len(rows):
                 damaged += [i for i, b, c in rows if len(b) != width or (c is not None and c != _crc32(i, b))]
-            if not good:
-                continue
+            del rows  # from here on only ``good`` (then its copy in ``X``) holds this chunk's blobs
             got = [i for i, _ in good]
             block = np.frombuffer(b"".join([b for _, b in good]), dtype=_VECTOR_DTYPE).reshape(len(good), dim)
+            del good
             at = where.get_indexer(got)
             if (at < 0).any():  # cannot happen within one snapshot; never write a row by a -1
                 raise StoreError(f"{self.path}: run {run_id}: vectors changed while being read; read again")
@@ -961,6 +965,7 @@ class FeatureStore:
             bad = ~np.isfinite(block).all(axis=1)
             if bad.any():
                 non_finite += [i for i, b in zip(got, bad) if b]
+            del block  # before the next fetch: at most two copies of one chunk alive at a time
         if damaged:
             raise StoreError(f"{self.path}: run {run_id}: {len(damaged)} stored vector(s) are damaged (checksum "
                              f"or size mismatch): {damaged[:10]}; re-extract them into a new store or restore a backup")
