@@ -14,7 +14,7 @@ outputs folder are found again (:func:`cbir.gallery.relocate_paths`).
 
 Searches use the run's faiss index for the measure when ``cbir index build`` made one and it is fresh
 (:meth:`cbir.gallery.RunVectors.how`): the run-info line under the run says which index and its measured recall,
-or that the search is exact and why (manhattan, minkowski and chebyshev always: faiss cannot serve them). The app
+or that the search is exact and why (manhattan, minkowski and chebyshev always: faiss approximate indexes serve only L2 and inner product). The app
 searches every image of the run with a vector, the query split included (here they are products like the others),
 while an index holds only the run's searchable images (:func:`cbir.index.build_index` keeps the query split out to
 measure recall on it): those few images are searched exactly and merged by exact distance, and the line says so.

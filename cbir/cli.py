@@ -324,7 +324,7 @@ examples:
 
 The index and its recall table are saved beside the store (shop.sqlite.indexes/). `cbir search`, notebook 02
 and the app use it and say which index and recall they used. manhattan, minkowski and chebyshev have no
-index (faiss cannot serve them): they are searched exactly.""",
+index (faiss approximate indexes serve only L2 and inner product): they are searched exactly.""",
     "search": """\
 examples:
   cbir search --store shop.sqlite --run 3 --image photo.jpg          top 10 by cosine
@@ -332,7 +332,7 @@ examples:
 
 The photo is embedded with the run's own extractor (weights checked by SHA-1). The search uses the run's
 index for the measure when one was built (`cbir index build`) and says which and its measured recall;
-otherwise, and for measures faiss cannot serve, it searches exactly and says so.""",
+otherwise, and for measures no approximate faiss index serves, it searches exactly and says so.""",
     "tag": """\
 examples:
   cbir tag --model outputs/finetune_mobilenet_v2/model --catalog shop/manifest.csv --out tags.csv

@@ -314,7 +314,7 @@ class RunVectors:
     distance, so every image with a vector can still be found and the caption says so. A stale index (the
     run's vectors changed since the build) is not used: the measure is searched exactly and
     :meth:`index_warning` says why. :meth:`how` is the caption: the index's label and recall, or exact and
-    why (manhattan, minkowski and chebyshev always: faiss cannot serve them)."""
+    why (manhattan, minkowski and chebyshev always: faiss approximate indexes serve only L2 and inner product)."""
 
     def __init__(self, store: Any, run_id: int, *, searchable: str = "all", bases: Sequence[str | os.PathLike] = (),
                  p: float = 3.0, labels: pd.DataFrame | None = None, label: str | None = None,

@@ -542,10 +542,10 @@ def index_how(info: IndexInfo) -> str:
 
 
 def exact_how(metric: str, why: str | None = None, *, use_index: bool = True) -> str:
-    """``"exact search (<metric>: <why>)"``; ``why`` by default: "faiss cannot serve it" (manhattan, minkowski,
+    """``"exact search (<metric>: <why>)"``; ``why`` by default: "no approximate faiss index serves it" (manhattan, minkowski,
     chebyshev), "no index built for it", or "asked for exact search" (``use_index=False``)."""
     if why is None:
-        why = ("faiss cannot serve it" if metric not in INDEX_MEASURES else
+        why = ("no approximate faiss index serves it" if metric not in INDEX_MEASURES else
                "no index built for it" if use_index else "asked for exact search")
     return f"exact search ({metric}: {why})"
 

@@ -867,7 +867,8 @@ class FeatureStore:
 
         Memory: about the size of ``X`` itself. The order is decided first from the ids alone, ``X`` is
         allocated once and the vectors are streamed into their rows :data:`READ_CHUNK` at a time (never all
-        blobs at once). :meth:`iter_features` streams a run in chunks instead.
+        blobs at once; each blob copied once, straight into its row). :meth:`iter_features` streams a run in
+        chunks instead.
         """
         with self._lock, self._sqlite_errors():
             con = self._connect()
@@ -889,8 +890,7 @@ class FeatureStore:
                         "SELECT image_id, vector, crc32 FROM features WHERE run_id = ? AND image_id IN"
                         " (SELECT value FROM json_each(?))", (int(run_id), _dumps(list(unique))))
                 X = np.empty((len(out_ids), dim), dtype=np.float32)
-                filled, non_finite = self._read_vectors(cursor, run_id, dim, pd.Index(unique, dtype=object),
-                                                        first, X)
+                filled = self._read_vectors(cursor, run_id, dim, pd.Index(unique, dtype=object), first, X)
             finally:
                 if con.in_transaction:
                     con.execute("COMMIT")
@@ -900,12 +900,15 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: run {run_id}: {len(missing)} vector(s) vanished while being read,"
                                  f" e.g. {missing[:5]}")
             raise KeyError(f"{self.path}: run {run_id} has no vector for {len(missing)} id(s), e.g. {missing[:5]}")
-        if non_finite:
-            raise StoreError(f"{self.path}: run {run_id}: stored vector(s) of {sorted(set(non_finite))[:10]} hold "
-                             "non-finite values (NaN or infinite): the store is damaged; re-extract them")
         if ids is not None and len(unique) < len(out_ids):  # repeated ids: copy their first row
             again = np.flatnonzero(first[codes] != np.arange(len(out_ids)))
             X[again] = X[first[codes[again]]]
+        bad = np.zeros(len(X), dtype=bool)
+        for start in range(0, len(X), READ_CHUNK):  # in slices: no N x D temporary
+            bad[start:start + READ_CHUNK] = ~np.isfinite(X[start:start + READ_CHUNK]).all(axis=1)
+        if bad.any():
+            raise StoreError(f"{self.path}: run {run_id}: stored vector(s) of {sorted(set(out_ids[bad]))[:10]} hold "
+                             "non-finite values (NaN or infinite): the store is damaged; re-extract them")
         return out_ids, X
 
     def iter_features(self, run_id: int, *, chunk: int = READ_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -937,39 +940,35 @@ class FeatureStore:
         return got_ids[np.lexsort((got_ids, pos, pos < 0))]  # catalogue row; absent ones last, by id
 
     def _read_vectors(self, cursor: sqlite3.Cursor, run_id: int, dim: int, where: pd.Index,
-                      first: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        """Copy the ``(image_id, vector, crc32)`` rows of ``cursor`` into ``X[first[where.get_loc(id)]]``,
-        :data:`READ_CHUNK` rows at a time, checking each blob's size, CRC-32 (NULL for vectors written before
-        schema 2: size only) and finiteness. Returns (which of ``where`` were found, the ids holding non-finite
-        values); raises :class:`StoreError` naming the damaged ids once every row has been seen."""
+                      first: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Copy the ``(image_id, vector, crc32)`` rows of ``cursor`` into row ``first[where.get_loc(id)]`` of
+        ``X`` (C-contiguous), :data:`READ_CHUNK` rows at a time, each blob straight into its row after checking
+        its size and CRC-32 (NULL for vectors written before schema 2: size only). Returns which of ``where``
+        were found; raises :class:`StoreError` naming the damaged ids once every row has been seen."""
         width = dim * _VECTOR_DTYPE.itemsize
+        into = memoryview(X.reshape(-1).view(np.uint8))
         filled = np.zeros(len(where), dtype=bool)
         damaged: list[str] = []
-        non_finite: list[str] = []
         while True:
             rows = cursor.fetchmany(READ_CHUNK)
             if not rows:
                 break
-            good = [(i, b) for i, b, c in rows if len(b) == width and (c is None or c == _crc32(i, b))]
-            if len(good) < len(rows):
-                damaged += [i for i, b, c in rows if len(b) != width or (c is not None and c != _crc32(i, b))]
-            del rows  # from here on only ``good`` (then its copy in ``X``) holds this chunk's blobs
-            got = [i for i, _ in good]
-            block = np.frombuffer(b"".join([b for _, b in good]), dtype=_VECTOR_DTYPE).reshape(len(good), dim)
-            del good
-            at = where.get_indexer(got)
+            at = where.get_indexer([r[0] for r in rows])
             if (at < 0).any():  # cannot happen within one snapshot; never write a row by a -1
                 raise StoreError(f"{self.path}: run {run_id}: vectors changed while being read; read again")
-            X[first[at]] = block
             filled[at] = True
-            bad = ~np.isfinite(block).all(axis=1)
-            if bad.any():
-                non_finite += [i for i, b in zip(got, bad) if b]
-            del block  # before the next fetch: at most two copies of one chunk alive at a time
+            for (image_id, blob, crc), offset in zip(rows, (first[at] * width).tolist()):
+                if len(blob) != width or (crc is not None and crc != _crc32(image_id, blob)):
+                    damaged.append(image_id)
+                else:
+                    into[offset:offset + width] = blob
+            del rows  # before the next fetch: one chunk of blobs alive at a time
         if damaged:
             raise StoreError(f"{self.path}: run {run_id}: {len(damaged)} stored vector(s) are damaged (checksum "
                              f"or size mismatch): {damaged[:10]}; re-extract them into a new store or restore a backup")
-        return filled, non_finite
+        if not _VECTOR_DTYPE.isnative:  # the blobs are little-endian float32
+            X.byteswap(inplace=True)
+        return filled
 
     # -- neighbours -------------------------------------------------------------------------
     def put_neighbours(self, run_id: int, metric: str, df: pd.DataFrame, *, tag: str = "",

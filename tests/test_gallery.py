@@ -346,7 +346,7 @@ def test_browser_searches_through_the_runs_index_and_its_caption_names_it(tmp_pa
     caption = html.unescape(a.title.value)
     assert f'search: {info.label} (index run{run_id}-cosine-ivf.faiss; distances re-ranked exactly)</div>' in caption
     assert "recall@5 " in info.label and "leaves out" not in caption  # the catalogue is exactly what it holds
-    assert "search: exact search (manhattan: faiss cannot serve it)" in html.unescape(other.title.value)
+    assert "search: exact search (manhattan: no approximate faiss index serves it)" in html.unescape(other.title.value)
     assert 'class="cbir-search-how"' in b.snapshot_html()
     # the run's vectors change: the index is stale, the browser searches exactly and says so
     store.put_features(run_id, ids[200:201], X[201:202])

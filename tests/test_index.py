@@ -94,14 +94,14 @@ def test_measures_faiss_cannot_serve_are_refused_and_searched_exactly(tmp_path):
     build_index(store, run_id, metric="cosine", kind="flat")
     for metric in ("manhattan", "chebyshev", "minkowski"):
         found = search_vectors(store, run_id, X[100:101], k=4, metric=metric)
-        assert found.how == f"exact search ({metric}: faiss cannot serve it)" and found.index is None
+        assert found.how == f"exact search ({metric}: no approximate faiss index serves it)" and found.index is None
         assert found.neighbours["image_id"].iloc[0] == ids[100]
     assert "no index built" in search_vectors(store, run_id, X[:1], metric="euclidean").how
     plan = search_plan(store, run_id, ["cosine", "euclidean", "manhattan"]).set_index("metric")
     assert plan.loc["cosine", "how"].startswith("faiss Flat, recall@5 1.000")
     assert plan.loc["cosine", "index"] == "run1-cosine-flat.faiss" and plan.loc["cosine", "recall_at_k"] == 1.0
     assert plan.loc["euclidean", "how"] == "exact search (euclidean: no index built for it)"
-    assert plan.loc["manhattan", "how"] == "exact search (manhattan: faiss cannot serve it)"
+    assert plan.loc["manhattan", "how"] == "exact search (manhattan: no approximate faiss index serves it)"
 
 
 def test_saved_index_is_found_again_and_gives_the_same_results(tmp_path):
@@ -175,7 +175,7 @@ def test_cli_index_build_and_search_end_to_end(tmp_path, capsys):
     assert main(["search", "--store", str(store_path), "--run", "1", "--image", str(photo), "--k", "3",
                  "--metric", "chebyshev"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "chebyshev, exact search (chebyshev: faiss cannot serve it)"
+    assert out.splitlines()[0] == "chebyshev, exact search (chebyshev: no approximate faiss index serves it)"
     assert out.splitlines()[2].split()[:2] == ["1", photo.stem]
     assert main(["search", "--store", str(store_path), "--run", "7", "--image", str(photo)]) == 1
     assert "run 7 not found" in capsys.readouterr().err

@@ -503,7 +503,7 @@ def test_upload_search_goes_through_the_runs_index_and_says_which(tmp_path, monk
     assert found["image_id"].iloc[0] == "img0000" and "img0100" not in found["image_id"].tolist()
     # Manhattan cannot be served by faiss: exact, and the run-info line says so
     c["metric"].value = "manhattan"
-    assert "search: exact search (manhattan: faiss cannot serve it)" in c["run_info"].value
+    assert "search: exact search (manhattan: no approximate faiss index serves it)" in c["run_info"].value
     data = _noise_png(0)
     _app_upload(app, "p.png", data)
     want, want_d = _reference(X, ids, app.embed_bytes(data, "p.png")[0], "manhattan")
