@@ -305,7 +305,11 @@ def test_metric_and_autoencoders_train_end_to_end(classifier, tmp_path):
     scratch = train(cat, TrainConfig(method="autoencoder", encoder="scratch", embedding_dim=16,
                                      **(base | {"fine_tune_epochs": 0})), tmp_path / "scratch", cache_dir=cache,
                     verbose=0)
+    pooled = train(cat, TrainConfig(method="classifier", blocks=0, **(base | {"fine_tune_epochs": 0})),
+                   tmp_path / "pooled", cache_dir=cache, verbose=0)  # the head alone on pooled features
+    assert json.loads((pooled / "training.json").read_text())["cut"] == "top_activation"
     images = np.random.default_rng(0).integers(0, 255, (3, 224, 224, 3), dtype=np.uint8)
+    assert TrainedExtractor(pooled / "model.keras")(images).shape == (3, 1280)
     v = TrainedExtractor(metric / "model.keras")(images)
     assert v.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
