@@ -41,6 +41,20 @@ def _refuse(run: int | str | None, reason: str, text: str) -> RunRefusedError:
     return RunRefusedError(reason, f"{'this run' if run is None else f'run {run}'}{text}")
 
 
+def _with_sha1(candidates: list[Path], sha1: str) -> tuple[str | None, str]:
+    """``(the first existing candidate file whose SHA-1 is sha1, or None; " (what the others hold)" or "")``."""
+    from cbir.efficientnet_lite import file_sha1
+
+    differ = []
+    for candidate in candidates:
+        if candidate.is_file():
+            found = file_sha1(candidate)
+            if found == sha1:
+                return str(candidate), ""
+            differ.append(f"{candidate} has SHA-1 {found}")
+    return None, f" ({'; '.join(differ)})" if differ else ""
+
+
 def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike | None = None,
                     run: int | str | None = None) -> str:
     """The ``weights`` argument that rebuilds a run's extractor from its stored identity (see the module doc):
@@ -51,7 +65,6 @@ def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike |
     if label.startswith("none") or label == "handcrafted":
         return "none"
     from cbir.backbones import weights_dirs
-    from cbir.efficientnet_lite import file_sha1
 
     fname = Path(str(identity.get("weights_file") or label)).name
     sha1 = identity.get("weights_sha1")
@@ -60,14 +73,9 @@ def resolve_weights(identity: Mapping[str, Any], *, weights: str | os.PathLike |
                                       f"({sha1!r}); refusing to load an unchecked file")
     candidates = [Path(weights)] if weights not in (None, "imagenet", "none") else []
     candidates += [folder / fname for folder in weights_dirs()]
-    differ = []
-    for candidate in candidates:
-        if candidate.is_file() and candidate.name == fname:
-            found = file_sha1(candidate)
-            if found == sha1:
-                return str(candidate)
-            differ.append(f"{candidate} has SHA-1 {found}")
-    seen = f" ({'; '.join(differ)})" if differ else ""
+    found, seen = _with_sha1([c for c in candidates if c.name == fname], sha1)
+    if found:
+        return found
     raise _refuse(run, "weights", f" used the weights file {fname!r}, which was not found with SHA-1 {sha1}{seen}; "
                                   f"pass weights=PATH pointing to that file (the app: CBIR_WEIGHTS; cbir search: --weights)")
 
@@ -112,22 +120,15 @@ def trained_model_file(identity: Mapping[str, Any], *, weights: str | os.PathLik
                        run: int | str | None = None) -> str:
     """The ``model.keras`` of a trained model's run: ``weights`` (a path given now) or the stored ``model_file``,
     accepted only with the SHA-1 stored with the run."""
-    from cbir.efficientnet_lite import file_sha1
-
     sha1 = identity.get("weights_sha1")
     if not (isinstance(sha1, str) and re.fullmatch(r"[0-9a-f]{40}", sha1)):
         raise _refuse(run, "weights", f" is a trained model's run without a valid SHA-1 ({sha1!r}); refusing to "
                                       f"load an unchecked model file")
     candidates = [Path(weights)] if weights not in (None, "imagenet", "none") else []
     candidates.append(Path(str(identity.get("model_file") or "")))
-    differ = []
-    for candidate in candidates:
-        if candidate.suffix == ".keras" and candidate.is_file():
-            found = file_sha1(candidate)
-            if found == sha1:
-                return str(candidate)
-            differ.append(f"{candidate} has SHA-1 {found}")
-    seen = f" ({'; '.join(differ)})" if differ else ""
+    found, seen = _with_sha1([c for c in candidates if c.suffix == ".keras"], sha1)
+    if found:
+        return found
     raise _refuse(run, "weights", f" used the trained model {identity.get('model_file')!r}, not found with SHA-1 "
                                   f"{sha1}{seen}; pass its model.keras as weights=PATH (cbir search: --weights)")
 
