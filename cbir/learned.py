@@ -12,7 +12,7 @@ complete run of the same labelling in the store (ImageNet backbones, descriptors
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,26 +20,29 @@ import pandas as pd
 
 from cbir.evaluate import per_query
 from cbir.neighbours import ensure_neighbours
-from cbir.runs import features_label
+from cbir.runs import run_table
 from cbir.stats import bootstrap_ci, paired_test
 
 __all__ = ["comparable_runs", "retrieval_comparison", "open_set_queries", "verdict_line"]
 
 
-def comparable_runs(store: Any, labels_sha1: str, *, include: Sequence[int] = ()) -> pd.DataFrame:
+def comparable_runs(store: Any, labels_sha1: str) -> pd.DataFrame:
     """Complete, unwhitened runs of the store made on the labelling ``labels_sha1`` (the same queries):
-    ``run_id, model, features, trained`` (bool), in store order; ``include`` adds runs by id."""
+    ``run_id, model, features, trained`` (bool), in store order."""
     runs = store.runs()
-    keep = [(r.params.get("labels_sha1") == labels_sha1 and r.status == "complete"
-             and (r.variant or "original") == "original") or int(r.run_id) in set(include)
-            for r in runs.itertuples(index=False)]
-    runs = runs.loc[keep]
-    return pd.DataFrame({
-        "run_id": runs["run_id"].astype(int).to_numpy(),
-        "model": runs["model"].astype(str).to_numpy(),
-        "features": [features_label(m, lyr, p, weights=w) for m, lyr, p, w in
-                     zip(runs["model"], runs["layer"], runs["pooling"], runs["weights"])],
-        "trained": runs["model"].astype(str).str.startswith("trained/").to_numpy()})
+    keep = {int(r.run_id) for r in runs.itertuples(index=False)
+            if (r.params.get("labels_sha1") == labels_sha1 and r.status == "complete"
+                and (r.variant or "original") == "original")}
+    return _labelled_runs(store, keep)
+
+
+def _labelled_runs(store: Any, run_ids: Iterable[int]) -> pd.DataFrame:
+    """``run_id, model, features, trained`` of ``run_ids`` in store order (labels of :func:`cbir.runs.run_table`)."""
+    table = run_table(store)
+    table = table.loc[table["run_id"].isin([int(r) for r in run_ids])]
+    return pd.DataFrame({"run_id": table["run_id"].to_numpy(), "model": table["model"].astype(str).to_numpy(),
+                         "features": table["features"].to_numpy(),
+                         "trained": table["model"].astype(str).str.startswith("trained/").to_numpy()})
 
 
 def open_set_queries(labels: pd.DataFrame, query_ids: Sequence[str], holdout: Sequence[str]) -> np.ndarray:
@@ -74,7 +77,7 @@ def retrieval_comparison(store: Any, run_ids: Sequence[int], *, query_ids: Seque
     pq = pq.loc[pq["query_id"].astype(str).isin(common)]
     if pq.empty:
         raise ValueError("no query is shared by every run (and the subset): nothing to compare")
-    runs = comparable_runs(store, "", include=run_ids).set_index("run_id")
+    runs = _labelled_runs(store, run_ids).set_index("run_id")
     rows = []
     for run_id, g in pq.groupby("run_id", sort=False):
         row = {"run_id": int(run_id), "features": runs.loc[run_id, "features"],

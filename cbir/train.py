@@ -912,7 +912,9 @@ class TrainedExtractor:
             return np.zeros((0, self.dim), np.float32)
         out = np.asarray(self.model.predict_on_batch(batch.astype(np.float32)), np.float32).reshape(len(batch), -1)
         if self.l2_normalize:
-            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            from cbir.postprocess import l2_normalize
+
+            out = l2_normalize(out)
         return out
 
     def identity(self) -> dict[str, Any]:
