@@ -48,16 +48,19 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     settings = dict(model=args.model, layer=args.layer, pooling=args.pooling, weights=args.weights, store=store,
                     batch_size=args.batch_size, workers=args.workers, l2_normalize=args.l2, name=args.name)
     cluster = args.cluster or args.scheduler
+    if args.vectors == "shards" and not cluster:
+        raise ValueError("--vectors shards needs --cluster or --scheduler: only Dask workers write shards")
     if cluster:  # on Dask: the same run, its shards beside the store
         from cbir.distributed import extract_distributed
 
-        run_id = extract_distributed(catalog, cluster=cluster, **settings)
+        run_id = extract_distributed(catalog, cluster=cluster, vectors=args.vectors, **settings)
     else:
         run_id = extract_features(catalog, **settings)
     info = store.run(run_id)
     replaced = info["stats"].get("n_vectors_replaced") if info["finished"] else None
     note = f" ({replaced} replaced: their files changed)" if replaced else ""
-    print(f"run {run_id}: {info['n_features']} feature vectors in {args.store}{note}")
+    kept = f" (kept in its shards, {info['stats']['shard_dir']})" if info["stats"].get("vectors") == "shards" else ""
+    print(f"run {run_id}: {info['n_features']} feature vectors in {args.store}{kept}{note}")
     return 0
 
 
@@ -411,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extract on a Dask LocalCluster of N worker processes (default: one per CPU)")
     where.add_argument("--scheduler", default=None, type=_scheduler, metavar="tcp://HOST:PORT",
                        help="extract on a running Dask cluster (its scheduler address)")
+    extract.add_argument("--vectors", default="store", choices=("store", "shards"),
+                         help="with a cluster: store (default) ingests the shards into the store; shards keeps the "
+                              "vectors in the Parquet shards, for catalogues too big to copy into SQLite (the "
+                              "store records where they are and its readers stream from them)")
     extract.set_defaults(func=_cmd_extract)
 
     from cbir.train import method_names

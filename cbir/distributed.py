@@ -58,6 +58,9 @@ from cbir.catalog import CatalogError, catalog_frame
 from cbir.extract import (Loader, _finish, _identity, _load_one, _resolve_extractor, _Stream, _with_file_sha1,
                           ensure_features, prepare_run, whiten_for_catalog)
 from cbir.extractors import get_entry
+from cbir.shards import MANIFEST, SHARD_FORMAT, iter_shard_vectors, read_manifest, read_shard
+from cbir.shards import shard_dir_for as _shard_dir_for
+from cbir.shards import write_shard as _write_shard
 from cbir.store import FeatureStore, canonical_json, open_store
 
 __all__ = ["parse_cluster", "connect", "extract_distributed", "ensure_features_cluster", "read_shard", "iter_shard_vectors", "shard_dir_for",
@@ -65,11 +68,6 @@ __all__ = ["parse_cluster", "connect", "extract_distributed", "ensure_features_c
 
 log = logging.getLogger(__name__)
 
-SHARD_FORMAT = "1"
-"""Version of the shard layout (columns and metadata keys below)."""
-SHARD_COLUMNS = ("image_id", "vector", "sha1", "reason", "detail")
-MANIFEST = "_manifest.json"
-_META_PREFIX = "cbir."
 _LOCAL_RE = re.compile(r"^local(?::(\d+))?$")
 _ADDRESS_RE = re.compile(r"^(tcp|tls|inproc|ucx|ws|wss)://\S+$")
 
@@ -161,83 +159,13 @@ def connect(cluster: Any, *, threads_per_worker: int = 1, processes: bool = True
 # -- shards -----------------------------------------------------------------------------------------
 def shard_dir_for(store: FeatureStore | str | os.PathLike[str], run_id: int) -> Path:
     """The default shard directory of a run: ``<store file>.shards/run-<run_id>``."""
-    path = Path(store.path if isinstance(store, FeatureStore) else store)
-    return path.with_name(path.name + ".shards") / f"run-{int(run_id)}"
+    return _shard_dir_for(store.path if isinstance(store, FeatureStore) else store, run_id)
 
 
 def _partition_digest(ids: np.ndarray, paths: np.ndarray, expected: np.ndarray) -> str:
     """SHA-1 of a partition's ids, paths and catalogue hashes: a shard belongs to exactly these rows."""
     text = "\n".join(f"{i}\t{p}\t{e or ''}" for i, p, e in zip(ids, paths, expected))
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
-
-
-def _write_shard(path: Path, ids: list[str], X: np.ndarray, ok: list[int], sha1: list[str | None],
-                 reasons: list[str | None], details: list[str | None], meta: Mapping[str, str], dim: int) -> None:
-    """One shard, atomically: a temporary file beside ``path``, then ``os.replace``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = len(ids)
-    values = np.zeros((n, dim), dtype=np.float32)
-    values[ok] = X
-    mask = np.ones(n, dtype=bool)
-    mask[ok] = False
-    vector = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim,
-                                               mask=pa.array(mask))
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "vector": vector,
-                      "sha1": pa.array(sha1, pa.string()), "reason": pa.array(reasons, pa.string()),
-                      "detail": pa.array(details, pa.string())})
-    table = table.replace_schema_metadata({f"{_META_PREFIX}{k}": str(v) for k, v in meta.items()})
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
-
-
-def read_shard(path: str | os.PathLike[str]) -> tuple[dict[str, str], pd.DataFrame, np.ndarray]:
-    """``(metadata, rows, X)`` of one shard: ``metadata`` the ``cbir.*`` keys (prefix dropped), ``rows`` a
-    DataFrame ``image_id, sha1, reason, detail, has_vector``, ``X`` float32[n_vectors, dim] of the rows with
-    ``has_vector`` (in row order)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    raw = table.schema.metadata or {}
-    meta = {k.decode()[len(_META_PREFIX):]: v.decode() for k, v in raw.items()
-            if k.decode().startswith(_META_PREFIX)}
-    dim = int(meta.get("dim", 0))
-    vector = table.column("vector").combine_chunks()
-    has = ~np.asarray(vector.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-    flat = vector.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    X = flat.reshape(len(table), dim)[has] if dim else np.empty((0, 0), np.float32)
-    rows = pd.DataFrame({c: pd.Series(table.column(c).to_pylist(), dtype=object)  # None stays None
-                         for c in ("image_id", "sha1", "reason", "detail")})
-    rows["has_vector"] = has
-    return meta, rows, X
-
-
-def _shard_files(shard_dir: Path) -> list[Path]:
-    """The run's current shards: those the manifest lists (written when a run completes), else every
-    ``part-*.parquet``."""
-    manifest = shard_dir / MANIFEST
-    if manifest.is_file():
-        names = json.loads(manifest.read_text(encoding="utf-8"))["shards"]
-        return [shard_dir / name for name in names]
-    return sorted(shard_dir.glob("part-*.parquet"))
-
-
-def iter_shard_vectors(shard_dir: str | os.PathLike[str]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream a run's vectors from its shard directory, one shard at a time (memory: one shard):
-    ``(ids[n] str, X[n, dim] float32, sha1[n] object)`` per shard, in partition order; failures left out.
-
-    The directory is a run's ``stats["shard_dir"]`` (:func:`shard_dir_for`). Every id appears once: each
-    catalogue row belongs to one partition, and a completed run's manifest lists only its current shards."""
-    for path in _shard_files(Path(shard_dir)):
-        _, rows, X = read_shard(path)
-        keep = rows["has_vector"].to_numpy()
-        yield (rows["image_id"].to_numpy(dtype=str)[keep], X,
-               rows["sha1"].to_numpy(dtype=object)[keep])
 
 
 # -- worker side -----------------------------------------------------------------------------------
@@ -410,6 +338,7 @@ def extract_distributed(
     shard_dir: str | os.PathLike[str] | None = None,
     retries: int = 3,
     prefetch: int | None = None,
+    vectors: str = "store",
 ) -> int:
     """Extract one vector per catalogue image on a Dask cluster into ``store``; returns the run id (the
     in-process run's: :func:`cbir.extract.extract_features` has the same arguments and outcomes).
@@ -420,10 +349,19 @@ def extract_distributed(
     ``shard_dir``: default :func:`shard_dir_for`. ``retries``: Dask retries of a failing task (a task whose
     worker died is rescheduled by the scheduler, up to ``distributed.scheduler.allowed-failures``).
     ``loader`` (and ``variant``) as in-process; it is sent to the workers, so it must pickle.
+    ``vectors``: ``"store"`` ingests the shards into ``store`` (the default); ``"shards"`` leaves the vectors
+    and failures in the shards, for catalogues too big to copy into SQLite: the store records the run, its
+    labels and its shard directory, and its readers (``features``, ``iter_features``, ``failures``, the index
+    builder, ...) stream from the shards (:class:`cbir.shards.ShardSet`). Such a shard holds its whole
+    partition, so a partition with any image to (re-)extract is computed again whole, and the run's
+    ``_manifest.json`` (written when it completes) decides which shards are current.
     Stats recorded with the run: ``shard_dir``, ``n_shards``, ``n_shards_computed``, ``n_shards_reused``,
     ``cluster``, ``n_workers``, ``seconds``, ``images_per_second``, the workers' decode and model seconds.
     """
     del prefetch  # accepted for symmetry with extract_features; workers decode two batches ahead
+    if vectors not in ("store", "shards"):
+        raise ValueError(f"vectors must be 'store' (ingest the shards into the store) or 'shards' (keep them "
+                         f"there), got {vectors!r}")
     if batch_size < 1 or partition_size < 1:
         raise ValueError(f"batch_size and partition_size must be >= 1, got {batch_size}, {partition_size}")
     if not isinstance(model, str):
@@ -444,51 +382,76 @@ def extract_distributed(
         return _extract_with_client(client, df, spec, store=store, batch_size=batch_size, workers=workers,
                                     progress=progress, name=name, variant=variant, loader=loader,
                                     pad_batches=pad_batches, partition_size=partition_size, shard_dir=shard_dir,
-                                    retries=retries, cluster_label="client")
+                                    retries=retries, cluster_label="client", vectors=vectors)
     with connect(cluster) as connected:
         return _extract_with_client(connected, df, spec, store=store, batch_size=batch_size, workers=workers,
                                     progress=progress, name=name, variant=variant, loader=loader,
                                     pad_batches=pad_batches, partition_size=partition_size, shard_dir=shard_dir,
-                                    retries=retries, cluster_label=str(parse_cluster(cluster)))
+                                    retries=retries, cluster_label=str(parse_cluster(cluster)), vectors=vectors)
 
 
 def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *, store: FeatureStore,
                          batch_size: int, workers: int, progress: bool, name: str | None, variant: str,
                          loader: Loader | None, pad_batches: bool, partition_size: int,
-                         shard_dir: str | os.PathLike[str] | None, retries: int, cluster_label: str) -> int:
+                         shard_dir: str | os.PathLike[str] | None, retries: int, cluster_label: str,
+                         vectors: str = "store") -> int:
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     identity = client.submit(_worker_identity, spec, variant, pure=False, retries=retries).result()
     remote = SimpleNamespace(identity=lambda: dict(identity), input_size=identity["input_size"],
                              dim=identity["dim"])
-    p = prepare_run(store, df, remote, variant=variant, l2_here=False, name=name, workers=workers)
+    in_shards = vectors == "shards"
+    where = (lambda rid: Path(shard_dir) if shard_dir is not None else shard_dir_for(store, rid)) if in_shards else None
+    p = prepare_run(store, df, remote, variant=variant, l2_here=False, name=name, workers=workers, shards=where)
     if not p.todo.any():
         return p.run_id
     run_id, ids, paths, expected, todo, n_replaced = p.run_id, p.ids, p.paths, p.expected, p.todo, p.n_replaced
     start = time.perf_counter()
-    out_dir = Path(shard_dir) if shard_dir is not None else shard_dir_for(store, run_id)
+    if in_shards:
+        out_dir = Path(store.shard_dir(run_id))
+    else:
+        out_dir = Path(shard_dir) if shard_dir is not None else shard_dir_for(store, run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_identity = canonical_json(store.run(run_id)["params"])
     identity_sha1 = hashlib.sha1(run_identity.encode("utf-8")).hexdigest()
+    listed = ((read_manifest(out_dir) or {}).get("shards", [])) if in_shards else []
 
-    partitions = []  # (index, shard path, todo ids, meta, rows slice)
+    partitions = []  # (index, shard path, rows slice, todo ids, meta, shard files it may reuse)
+    final: dict[int, str] = {}  # shards mode: each partition's current shard
     for index, lo in enumerate(range(0, len(ids), partition_size)):
         sl = slice(lo, lo + partition_size)
         digest = _partition_digest(ids[sl], paths[sl], expected[sl])
-        path = out_dir / f"part-{index:06d}-{digest[:12]}.parquet"
+        prefix = f"part-{index:06d}-{digest[:12]}"
+        path = out_dir / f"{prefix}.parquet"
         meta = {"format": SHARD_FORMAT, "identity": run_identity, "identity_sha1": identity_sha1,
                 "run_id": str(run_id), "partition": str(index), "partition_sha1": digest}
-        partitions.append((index, path, sl, set(ids[sl][todo[sl]]), meta))
+        if in_shards:  # a shard holds its whole partition: any row to do redoes it, unless a usable one exists
+            current = [n for n in listed if n == path.name or n.startswith(prefix + "-")]
+            if current and not todo[sl].any():
+                final[index] = current[0]
+                continue
+            partitions.append((index, path, sl, set(ids[sl]), meta, sorted(out_dir.glob(f"{prefix}*.parquet"))))
+        else:
+            partitions.append((index, path, sl, set(ids[sl][todo[sl]]), meta, [path]))
     live = [p for p in partitions if p[3]]
     # shards left by an interrupted session: reuse those of the same run, partition and file content
-    existing = [p for p in live if _shard_usable(p[1], p[4], p[3])]
+    existing = []
+    for index, path, sl, todo_ids, meta, candidates in live:
+        usable = [c for c in candidates if _shard_usable(c, meta, todo_ids)]
+        if usable:
+            existing.append((index, usable, sl, todo_ids, meta))
     if existing:
         rows = np.zeros(len(ids), dtype=bool)
         for _, _, sl, _, _ in existing:
             rows[sl] = True
         current = dict(zip(ids, _with_file_sha1(paths, expected, rows, workers)))
-        existing = [p for p in existing if _content_matches(p[1], current, p[3])]
+        matching = []
+        for index, usable, sl, todo_ids, meta in existing:
+            found = next((c for c in usable if _content_matches(c, current, todo_ids)), None)
+            if found is not None:
+                matching.append((index, found, sl, todo_ids, meta))
+        existing = matching
     reuse = {p[0] for p in existing}
 
     stats: dict[str, Any] = {"seconds_decode": 0.0, "seconds_model": 0.0, "n_vectors_written": 0,
@@ -498,6 +461,10 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
                desc=f"{spec['model']} run {run_id} (dask)")
 
     def ingest(path: Path, todo_ids: set[str]) -> None:
+        if in_shards:  # the shard is the store of record
+            final[int(path.name.split("-")[1])] = path.name
+            bar.update(1)
+            return
         t0 = time.perf_counter()
         n_vec, n_fail = _ingest(store, run_id, path, todo_ids)
         stats["seconds_write"] += time.perf_counter() - t0
@@ -507,11 +474,16 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
 
     futures: dict[Any, tuple] = {}
     try:
-        for index, path, sl, todo_ids, meta in live:
+        for index, path, sl, todo_ids, meta, _ in live:
             if index in reuse:
                 continue
-            path.unlink(missing_ok=True)  # stale (other content, damaged): a shard found by the task is this session's
-            part_todo = todo[sl]
+            if in_shards:  # never touch a shard the manifest may still list: compute into a fresh name
+                if path.exists():
+                    path = path.with_name(f"{path.stem}-{uuid.uuid4().hex[:8]}.parquet")
+                part_todo = np.ones(len(ids[sl]), dtype=bool)
+            else:
+                path.unlink(missing_ok=True)  # stale (other content, damaged): a shard found by the task is this session's
+                part_todo = todo[sl]
             future = client.submit(
                 _embed_partition, spec, ids=ids[sl][part_todo].tolist(), paths=paths[sl][part_todo].tolist(),
                 expected=expected[sl][part_todo].tolist(), out=str(path), meta=meta, batch_size=batch_size,
@@ -537,8 +509,13 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    current_names = [p[1].name for p in partitions if p[1].is_file()]
+    if in_shards:
+        current_names = [final[k] for k in sorted(final)]
+    else:
+        current_names = [p[1].name for p in partitions if p[1].is_file()]
     _write_manifest(out_dir, current_names, identity_sha1)
+    counts = ({"n_features": len(store.done_ids(run_id)), "n_failures": len(store.failed_ids(run_id))}
+              if in_shards else {})
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
     done = [r for r in computed if r.get("computed")]
     _finish(store, run_id, ids, n_images=len(ids), n_processed=int(todo.sum()), n_vectors_replaced=n_replaced,
@@ -550,7 +527,7 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
             worker_seconds_decode=round(sum(r["seconds_decode"] for r in done), 4),
             worker_seconds_model=round(sum(r["seconds_model"] for r in done), 4),
             seconds_decode_wait=round(sum(r["seconds_decode"] for r in done) / n_workers, 4),
-            seconds_model=round(sum(r["seconds_model"] for r in done) / n_workers, 4),
+            seconds_model=round(sum(r["seconds_model"] for r in done) / n_workers, 4), **counts,
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items()
                if k not in ("seconds_decode", "seconds_model")})
     return run_id
@@ -560,8 +537,12 @@ def ensure_features_cluster(catalog: Any, *, store: FeatureStore | str | os.Path
                             cluster: Any = None, pca_whiten: bool = False, **kwargs: Any) -> int:
     """:func:`cbir.extract.ensure_features` with a ``cluster``: None (or ``""``) extracts in-process exactly as
     it does; ``"local"``, ``"local:N"`` or a scheduler address extracts on Dask (:func:`extract_distributed`),
-    the same run with the same outcomes. ``pca_whiten`` and the other keywords as there."""
+    the same run with the same outcomes (``vectors`` as :func:`extract_distributed`'s; ``"shards"`` needs a
+    cluster). ``pca_whiten`` and the other keywords as there."""
     if not _is_client(cluster) and parse_cluster(cluster) is None:
+        if kwargs.pop("vectors", "store") != "store":
+            raise ValueError("vectors='shards' needs a cluster (cluster='local', 'local:N' or 'tcp://HOST:PORT'): "
+                             "only Dask workers write shards")
         return ensure_features(catalog, store=store, model=model, pca_whiten=pca_whiten, **kwargs)
     kwargs.pop("prefetch", None)
     run_id = extract_distributed(catalog, store=store, model=model, cluster=cluster, **kwargs)

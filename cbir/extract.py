@@ -35,6 +35,7 @@ import pandas as pd
 from cbir.catalog import CatalogError, catalog_frame, labels_sha1
 from cbir.images import ImageError, decode_bytes, read_file_bytes
 from cbir.postprocess import get_postprocess, whitening_components
+from cbir.shards import MANIFEST
 from cbir.store import FeatureStore, StoreError, canonical_json, open_store
 
 __all__ = ["extract_features", "ensure_features", "export_features", "load_run_features", "extraction_failures",
@@ -260,21 +261,31 @@ class PreparedRun:
 
 
 def prepare_run(store: FeatureStore, df: pd.DataFrame, extractor: Any, *, variant: str, l2_here: bool,
-                name: str | None, workers: int) -> PreparedRun:
+                name: str | None, workers: int, shards: Callable[[int], Any] | None = None) -> PreparedRun:
     """Start or resume the run (:func:`_start_run`), plan what is left (:func:`_plan`) and, when nothing is,
     finish it; otherwise drop what was computed from vectors about to be replaced and mark it running.
-    Shared by the in-process pipeline and :mod:`cbir.distributed`."""
+    Shared by the in-process pipeline and :mod:`cbir.distributed`.
+
+    ``shards(run_id)``: the shard directory of a run that keeps its vectors there (:mod:`cbir.distributed`
+    with ``vectors="shards"``); such a run copies nothing from sibling runs. A run kept in shards with work left
+    is refused without ``shards`` (nothing of it is written to the store)."""
     ids = df["image_id"].astype(str).to_numpy()
     paths, expected = df["path"].to_numpy(dtype=object), catalogue_sha1(df)
     run_id = _start_run(store, df, extractor, variant=variant, l2_here=l2_here, name=name,
                         sha1=lambda: dict(zip(ids, _with_file_sha1(paths, expected, np.ones(len(ids), bool),
-                                                                   workers))))
+                                                                   workers))), shards=shards)
     todo, n_replaced = _plan(store, run_id, ids, paths, expected, workers)
     prepared = PreparedRun(run_id, ids, paths, expected, todo, n_replaced)
     if not todo.any():
         if store.run(run_id)["status"] != "complete":
             _finish(store, run_id, ids, n_images=len(ids))
         return prepared
+    where = store.shard_dir(run_id)
+    if where is not None and shards is None:
+        raise ExtractionError(f"{store.path}: run {run_id} keeps its vectors in its shards ({where}) and "
+                              f"{int(todo.sum())} image(s) need extracting: extract it on a cluster with "
+                              "vectors='shards' (`cbir extract --cluster local --vectors shards`, params "
+                              "`vectors: shards`)")
     if n_replaced:
         dropped = store.invalidate_derived(run_id)
         log.warning("%s: run %s: re-extracting %d image(s) whose stored vectors came from other file content; "
@@ -294,7 +305,8 @@ def _sibling_runs(store: FeatureStore, identity: Mapping[str, Any]) -> list[int]
 
 
 def _start_run(store: FeatureStore, df: pd.DataFrame, extractor: Any, *, variant: str, l2_here: bool,
-               name: str | None, sha1: Callable[[], Mapping[str, str | None]]) -> int:
+               name: str | None, sha1: Callable[[], Mapping[str, str | None]],
+               shards: Callable[[int], Any] | None = None) -> int:
     """Start (or resume) the run of ``extractor`` on this catalogue's labelling and record its labels.
 
     The labelling (:func:`cbir.catalog.labels_sha1`) is part of the run's identity: a catalogue labelled or
@@ -308,7 +320,14 @@ def _start_run(store: FeatureStore, df: pd.DataFrame, extractor: Any, *, variant
     run_id = store.start_run(identity, name=name, versions=loaded_library_versions())
     store.put_catalog(df)
     store.put_run_labels(run_id, df)
-    siblings = _sibling_runs(store, identity) if is_new else []
+    if shards is not None:  # before anything is copied: a run kept in shards holds nothing in the store
+        store.keep_vectors_in_shards(run_id, shards(run_id))
+        where = Path(store.shard_dir(run_id))
+        if not (where / MANIFEST).is_file() and store.run(run_id)["status"] == "complete":
+            log.warning("%s: run %s: its shard directory %s has no manifest any more; extracting it again",
+                        store.path, run_id, where)
+            store.set_status(run_id, "interrupted")
+    siblings = _sibling_runs(store, identity) if is_new and shards is None else []
     content = sha1() if siblings else {}
     for sibling in siblings:
         copied = store.copy_outcomes(sibling, run_id, content)

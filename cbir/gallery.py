@@ -451,12 +451,13 @@ class RunVectors:
         excluded = np.zeros(len(self.ids), dtype=bool)
         excluded[ex_rows] = True
         rows = []
-        n = min(len(served.rows), k + served.n_unusable + int(served.in_index[ex_rows].sum()))
+        wanted = served.loaded.n_candidates(k)  # k, or k x rerank for IVF-PQ: re-ranked exactly below
+        n = min(len(served.rows), wanted + served.n_unusable + int(served.in_index[ex_rows].sum()))
         if n > 0:
             _, pos = served.loaded.search(Q, n)
             cand = served.rows[pos[0][pos[0] >= 0]]
             cand = cand[cand >= 0]
-            rows.append(cand[~excluded[cand]][:k])
+            rows.append(cand[~excluded[cand]][:wanted])
         if len(served.rest):
             if served.rest_index is None:
                 served.rest_index = ExactIndex(self.X[served.rest], metric, p=self.p)

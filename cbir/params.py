@@ -206,6 +206,11 @@ def _check_values(params: dict[str, Any], origin: Mapping[str, str], default_whe
     if params.get("minkowski_p") is not None and params["minkowski_p"] < 1:
         raise ParamsError(f"{where('minkowski_p')}: minkowski_p must be >= 1 (a metric), "
                           f"got {params['minkowski_p']!r}")
+    if params.get("vectors") not in ("store", "shards"):
+        raise ParamsError(f"{where('vectors')}: vectors must be 'store' or 'shards', got {params.get('vectors')!r}")
+    if params.get("vectors") == "shards" and params.get("cluster") is None:
+        raise ParamsError(f"{where('vectors')}: vectors: shards needs a cluster (cluster: local, local:N or "
+                          "tcp://HOST:PORT): only Dask workers write shards")
     if params.get("cluster") is not None:
         from cbir.distributed import parse_cluster  # the grammar only; imports no Dask
 

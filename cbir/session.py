@@ -181,14 +181,15 @@ def open_session(*, catalog: str | os.PathLike = "demo", out_dir: str | os.PathL
                  pooling: str | None = "gap", weights: Any = "imagenet", batch_size: int = 32,
                  l2_normalize: bool = False, pca_whiten: bool = False, subcategory_from: str = "articleType",
                  n_queries: int | None = 60, seed: int = 0, extract: bool = False, progress: bool = False,
-                 cluster: str | None = None, **params: Any) -> Session:
+                 cluster: str | None = None, vectors: str = "store", **params: Any) -> Session:
     """Load and split the catalogue, open the store and find (``extract=False``) or extract the run.
 
     ``catalog``: a path or ``"demo"`` (generated under ``out_dir`` once). ``store``: default
     ``<out_dir>/features.sqlite``. The run is found in the store when it is complete for this catalogue
     (:func:`find_complete_run`); otherwise, or with ``extract=True``, :func:`cbir.extract.ensure_features`
     extracts what is missing. ``pca_whiten``: the whitened derived run, fitted on the searchable images.
-    ``cluster`` (``"local:N"``, ``"tcp://HOST:PORT"``): extract on Dask (:mod:`cbir.distributed`), the same run.
+    ``cluster`` (``"local:N"``, ``"tcp://HOST:PORT"``): extract on Dask (:mod:`cbir.distributed`), the same run;
+    ``vectors="shards"`` keeps its vectors in the Parquet shards (the store records where; readers stream).
     Other keyword arguments are kept in ``Session.params``.
     """
     out = Path(out_dir)
@@ -203,7 +204,10 @@ def open_session(*, catalog: str | os.PathLike = "demo", out_dir: str | os.PathL
 
         source = ensure_features_cluster(cat, store=feature_store, model=model, layer=layer, pooling=pooling,
                                          weights=weights, batch_size=batch_size, l2_normalize=l2_normalize,
-                                         progress=progress, cluster=cluster)
+                                         progress=progress, cluster=cluster, vectors=vectors)
+    if source is None and vectors != "store":
+        raise ValueError(f"vectors={vectors!r} needs a cluster (cluster='local', 'local:N' or 'tcp://HOST:PORT'): "
+                         "only Dask workers write shards")
     if source is None:
         source = ensure_features(cat, store=feature_store, model=model, layer=layer, pooling=pooling,
                                  weights=weights, batch_size=batch_size, l2_normalize=l2_normalize,

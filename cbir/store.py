@@ -28,7 +28,12 @@ Readers open a store with ``FeatureStore(path, readonly=True)``: never created, 
 readable on read-only storage (a folder where WAL's ``-shm`` cannot be created is read as ``immutable``).
 Every SQLite error becomes a :class:`StoreError` naming the file, with a hint.
 
-This module imports nothing of cbir.
+A run extracted with ``vectors="shards"`` (:mod:`cbir.distributed`, for catalogues too big to copy into
+SQLite) keeps its vectors and failures in its Parquet shards instead: the ``runs`` row records
+``stats.vectors = "shards"`` and ``stats.shard_dir``, the ``features`` / ``failures`` tables hold nothing of it,
+and every reader below serves it from the shards through :class:`cbir.shards.ShardSet`.
+
+This module imports nothing of cbir but :mod:`cbir.shards` (which imports nothing of cbir).
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from cbir.shards import ShardError, ShardSet
 
 __all__ = ["FeatureStore", "StoreError", "RunNotFoundError", "SCHEMA_VERSION", "migrate", "canonical_json"]
 
@@ -375,6 +382,7 @@ class FeatureStore:
         self._lock = threading.RLock()
         self._con: sqlite3.Connection | None = None
         self._pid: int | None = None
+        self._shard_sets: dict[int, tuple[tuple, ShardSet]] = {}
         self._connect()
 
     # -- connection -------------------------------------------------------------------------
@@ -620,6 +628,7 @@ class FeatureStore:
             raise ValueError(f"{self.path}: runs {from_run} and {to_run} have different dimensions {dims}")
         pairs = [(str(i), None if _is_missing(h) else str(h)) for i, h in sha1.items()]
         with self._write() as con:
+            self._refuse_shard_run(con, to_run)
             con.execute("CREATE TEMP TABLE IF NOT EXISTS _want (image_id TEXT PRIMARY KEY, sha1 TEXT)")
             con.execute("DELETE FROM _want")
             con.executemany("INSERT OR REPLACE INTO _want VALUES (?, ?)", pairs)
@@ -685,7 +694,8 @@ class FeatureStore:
             )
 
     def delete_run(self, run_id: int) -> None:
-        """Delete a run with its features, failures, neighbours and results."""
+        """Delete a run with its features, failures, neighbours and results (a run kept in shards: its shard
+        directory is left on disk)."""
         with self._write() as con:
             self._require_run(con, run_id)
             con.execute("DELETE FROM runs WHERE run_id = ?", (int(run_id),))
@@ -732,6 +742,10 @@ class FeatureStore:
         frame = self._frame(self._RUNS_SQL + " ORDER BY r.run_id")
         for col in ("params", "versions", "stats"):
             frame[col] = [json.loads(v) for v in frame[col]]
+        for k, stats in enumerate(frame["stats"]):
+            if stats.get("vectors") == "shards":  # counted when the run was last extracted
+                frame.loc[k, "n_features"] = stats.get("n_features", 0)
+                frame.loc[k, "n_failures"] = stats.get("n_failures", 0)
         return frame
 
     def run(self, run_id: int) -> dict[str, Any]:
@@ -743,6 +757,9 @@ class FeatureStore:
         row = {k: (None if _is_missing(v) else v) for k, v in frame.iloc[0].to_dict().items()}
         for col in ("params", "versions", "stats"):
             row[col] = json.loads(row[col])
+        if row["stats"].get("vectors") == "shards":
+            row["n_features"] = row["stats"].get("n_features", 0)
+            row["n_failures"] = row["stats"].get("n_failures", 0)
         for col in ("run_id", "input_size", "dim", "n_features", "n_failures", "n_images"):
             if row[col] is not None:
                 row[col] = int(row[col])
@@ -763,23 +780,95 @@ class FeatureStore:
                 return int(run_id)
         return None
 
+    # -- runs whose vectors stay in their shards ----------------------------------------------
+    def shard_dir(self, run_id: int) -> str | None:
+        """The shard directory that holds run ``run_id``'s vectors and failures, None for a run stored here."""
+        rows = self._read("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir')"
+                          " FROM runs WHERE run_id = ?", (int(run_id),))
+        if not rows:
+            with self._lock, self._sqlite_errors():
+                raise self._run_not_found(self._connect(), run_id)
+        return rows[0][1] if rows[0][0] == "shards" else None
+
+    def keep_vectors_in_shards(self, run_id: int, shard_dir: str | os.PathLike[str]) -> None:
+        """Record that run ``run_id`` keeps its vectors and failures in the Parquet shards of ``shard_dir`` (its
+        manifest's shards) rather than in this store. Refused (:class:`StoreError`) for a run that already
+        holds vectors or failures here, or whose shards are recorded elsewhere."""
+        where = str(Path(shard_dir).expanduser().resolve())
+        with self._write() as con:
+            self._require_run(con, run_id)
+            held = con.execute("SELECT (SELECT count(*) FROM features WHERE run_id = :r)"
+                               " + (SELECT count(*) FROM failures WHERE run_id = :r)", {"r": int(run_id)}).fetchone()[0]
+            if held:
+                raise StoreError(f"{self.path}: run {run_id} already holds {held} vector(s) or failure(s) in the store;"
+                                 " its vectors cannot move to shards (extract into a new store, or without "
+                                 "vectors='shards')")
+            vectors, now = con.execute("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir')"
+                                       " FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
+            if vectors == "shards" and now != where:
+                raise StoreError(f"{self.path}: run {run_id} keeps its vectors in {now}, not {where}")
+            con.execute("UPDATE runs SET stats = json_patch(stats, ?) WHERE run_id = ?",
+                        (_dumps({"vectors": "shards", "shard_dir": where}), int(run_id)))
+
+    def _shards(self, run_id: int) -> ShardSet | None:
+        """The :class:`ShardSet` of a run whose vectors stay in shards (None for a run stored here), cached
+        until its manifest changes. A complete run must have its manifest; a run still being extracted without
+        one has no visible outcome yet."""
+        rows = self._read("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir'), status"
+                          " FROM runs WHERE run_id = ?", (int(run_id),))
+        if not rows or rows[0][0] != "shards":
+            return None
+        _, where, status = rows[0]
+        manifest = Path(where) / "_manifest.json"
+        try:
+            st = manifest.stat()
+            key: tuple = (where, st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            key = (where, None, status == "complete")
+        cached = self._shard_sets.get(int(run_id))
+        if cached is not None and cached[0] == key and cached[1].unchanged():
+            return cached[1]
+        try:
+            shard_set = ShardSet(where, required=status == "complete")
+        except ShardError as exc:
+            raise StoreError(f"{self.path}: run {run_id}: {exc}") from None
+        self._shard_sets[int(run_id)] = (key, shard_set)
+        return shard_set
+
+    def _refuse_shard_run(self, con: sqlite3.Connection, run_id: int) -> None:
+        row = con.execute("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir') FROM runs"
+                          " WHERE run_id = ?", (int(run_id),)).fetchone()
+        if row is not None and row[0] == "shards":
+            raise StoreError(f"{self.path}: run {run_id} keeps its vectors in its shards ({row[1]}); nothing of it "
+                             "is written to the store (extract it on a cluster with vectors='shards')")
+
     # -- features ---------------------------------------------------------------------------
     def done_ids(self, run_id: int, sha1: Mapping[str, str | None] | None = None) -> set[str]:
         """Image ids that already have a feature vector in ``run_id``; with ``sha1`` (``image_id -> sha1`` of
         the current files) only those whose vector was computed from that very content."""
         if sha1 is None:
+            shards = self._shards(run_id)
+            if shards is not None:
+                return set(shards.ids.tolist())
             return {r[0] for r in self._read("SELECT image_id FROM features WHERE run_id = ?", (int(run_id),))}
         return {i for i, s in self.content_sha1(run_id).items() if s is not None and sha1.get(i) == s}
 
     def content_sha1(self, run_id: int, *, failures: bool = False) -> dict[str, str | None]:
         """``image_id -> sha1`` of the file content each stored vector (``failures=True``: each recorded
         failure) of ``run_id`` came from; None where unknown (written before schema 2, or unreadable file)."""
+        shards = self._shards(run_id)
+        if shards is not None:
+            return shards.content_sha1(failures=failures)
         table = "failures" if failures else "features"
         return dict(self._read(f"SELECT image_id, sha1 FROM {table} WHERE run_id = ?", (int(run_id),)))
 
     def vector_crc32(self, run_id: int) -> dict[str, int | None]:
         """``image_id -> CRC-32`` of each stored vector of ``run_id`` (of id + blob; None before schema 2): a cheap
-        fingerprint of a run's vectors (``cbir.index`` tells a stale index by it) without reading them."""
+        fingerprint of a run's vectors (``cbir.index`` tells a stale index by it) without reading them. For a
+        run kept in shards: a CRC-32 of the name, size and modification time of the shard holding the vector."""
+        shards = self._shards(run_id)
+        if shards is not None:
+            return shards.fingerprints()
         return dict(self._read("SELECT image_id, crc32 FROM features WHERE run_id = ?", (int(run_id),)))
 
     def ids_with_vectors(self, run_id: int, ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -789,6 +878,9 @@ class FeatureStore:
 
     def failed_ids(self, run_id: int) -> set[str]:
         """Image ids recorded as failures in ``run_id``."""
+        shards = self._shards(run_id)
+        if shards is not None:
+            return set(shards.failures["image_id"])
         return {r[0] for r in self._read("SELECT image_id FROM failures WHERE run_id = ?", (int(run_id),))}
 
     def put_features(self, run_id: int, ids: Sequence[str] | np.ndarray, X: np.ndarray, *,
@@ -819,6 +911,7 @@ class FeatureStore:
         fails = [_failure_row(f) for f in failures]
         with self._write() as con:
             _, dim = self._require_run(con, run_id)
+            self._refuse_shard_run(con, run_id)
             if len(ids):
                 if dim is None:
                     con.execute("UPDATE runs SET dim = ? WHERE run_id = ?", (X.shape[1], int(run_id)))
@@ -843,11 +936,22 @@ class FeatureStore:
         fails = [_failure_row(f) for f in failures]
         with self._write() as con:
             self._require_run(con, run_id)
+            self._refuse_shard_run(con, run_id)
             self._insert_failures(con, run_id, fails)
         return len(fails)
 
     def failures(self, run_id: int) -> pd.DataFrame:
-        """``image_id, path, reason, detail`` of the images that failed in ``run_id``, in catalogue order."""
+        """``image_id, path, reason, detail`` of the images that failed in ``run_id``, in catalogue order (a
+        run kept in shards: in shard order)."""
+        shards = self._shards(run_id)
+        if shards is not None:
+            fails = shards.failures
+            paths = dict(self._read("SELECT image_id, path FROM images WHERE image_id IN (SELECT value FROM"
+                                    " json_each(?))", (_dumps(fails["image_id"].tolist()),)))
+            return pd.DataFrame({"image_id": fails["image_id"].astype(str).to_numpy(),
+                                 "path": [paths.get(i) for i in fails["image_id"]],
+                                 "reason": fails["reason"].to_numpy(dtype=object),
+                                 "detail": fails["detail"].to_numpy(dtype=object)})
         frame = self._frame(
             "SELECT x.image_id, i.path, x.reason, x.detail FROM failures x"
             " LEFT JOIN images i ON i.image_id = x.image_id WHERE x.run_id = ?"
@@ -869,7 +973,24 @@ class FeatureStore:
         allocated once and the vectors are streamed into their rows :data:`READ_CHUNK` at a time (never all
         blobs at once; each blob copied once, straight into its row). :meth:`iter_features` streams a run in
         chunks instead.
+
+        A run kept in shards is read from them (shard order instead of catalogue order without ``ids``; each
+        shard read once; memory: ``X`` and one shard's vectors); a damaged or missing shard is a
+        :class:`StoreError` naming the file.
         """
+        shards = self._shards(run_id)
+        if shards is not None:
+            try:
+                if ids is None:
+                    return shards.ids.copy(), shards.take(np.arange(len(shards)))
+                out_ids = np.array([str(i) for i in ids], dtype=str)
+                try:
+                    positions = shards.positions(out_ids)
+                except KeyError as exc:
+                    raise KeyError(f"{self.path}: run {run_id}: {exc.args[0]}") from None
+                return out_ids, shards.take(positions)
+            except ShardError as exc:
+                raise StoreError(f"{self.path}: run {run_id}: {exc}") from None
         with self._lock, self._sqlite_errors():
             con = self._connect()
             _, dim = self._require_run(con, run_id)
@@ -919,6 +1040,13 @@ class FeatureStore:
         is read in its own snapshot (a vector deleted meanwhile is a ``KeyError``)."""
         if int(chunk) < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
+        shards = self._shards(run_id)
+        if shards is not None:  # shard order; each shard read once
+            try:
+                yield from shards.iter_chunks(int(chunk))
+            except ShardError as exc:
+                raise StoreError(f"{self.path}: run {run_id}: {exc}") from None
+            return
         with self._lock, self._sqlite_errors():
             con = self._connect()
             self._require_run(con, run_id)

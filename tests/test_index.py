@@ -181,3 +181,32 @@ def test_cli_index_build_and_search_end_to_end(tmp_path, capsys):
     assert "run 7 not found" in capsys.readouterr().err
     assert main(["search", "--store", str(store_path), "--run", "1", "--image", str(tmp_path / "none.jpg")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_ivfpq_recall_is_capped_by_its_codes_and_reaches_the_target_by_exact_reranking(tmp_path):
+    """IVF-PQ with 4-byte codes of 32-d vectors ranks by coarse codes; the build sweeps `rerank` (k x rerank
+    candidates re-ranked by exact distances) and keeps a setting that reaches the target; the search path
+    (`search_vectors`, stored vectors) then returns what exact search returns."""
+    X = clustered(4000, 32, 20, seed=4)
+    store, run_id, ids = make_store(tmp_path / "f.sqlite", X)
+    info = build_index(store, run_id, metric="euclidean", kind="ivfpq", memory_gb=4000 * 12 / 0.8 / 2**30,
+                       target_recall=0.95, n_eval_queries=150)
+    table = info.table()
+    assert info.settings["m"] == 4 and set(table["rerank"]) >= {1, 2}
+    codes_only = table.loc[table["rerank"] == 1, "recall_at_k"].max()
+    assert codes_only < 0.95  # ranked by 4-byte codes alone the target is out of reach
+    assert info.met_target and info.rerank > 1 and info.recall >= 0.95
+    chosen = table.loc[table["chosen"]].iloc[0]
+    assert (chosen["value"], chosen["rerank"]) == (info.search_value, info.rerank)
+    assert f"re-ranking {info.rerank}x k" in info.label
+    loaded = load_index(store, run_id, "euclidean")
+    assert loaded.n_candidates(5) == 5 * info.rerank
+    # fresh queries through the search path against exact search over the searchable images
+    rng = np.random.default_rng(7)
+    searchable = X[40:]
+    hits = []
+    for q in searchable[rng.choice(len(searchable), 40, replace=False)] + 0.1:
+        got = search_vectors(store, run_id, q[None, :], k=5, metric="euclidean", loaded=loaded).neighbours
+        _, exact_I = knn(searchable, q[None, :], "euclidean", k=5)
+        hits.append(len(set(got["image_id"]) & set(ids[40:][exact_I[0]])) / 5)
+    assert np.mean(hits) >= 0.9

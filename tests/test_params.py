@@ -15,7 +15,7 @@ NOTEBOOK_DEFAULTS = {
     "k": 5, "minkowski_p": 3, "same_category": False, "n_queries": 60, "seed": 0, "cv_folds": 10,
     "cv_fold_size": 20, "color_bins": 32, "lbp_points": 24, "lbp_radius": 3, "roi_margin": 4, "gallery_queries": 6,
     "subcategory_from": "articleType", "samples_per_subcategory": 4, "pr_depth": 100,
-    "pca_whiten": False, "cluster": None, "train": None,
+    "pca_whiten": False, "cluster": None, "vectors": "store", "train": None,
 }
 PATH_KEYS = {"out_dir", "store"}  # defaults null: derived from the run name
 STUDY = ("vgg16", "vgg19", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
