@@ -41,6 +41,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from cbir.extract import extract_features
     from cbir.store import FeatureStore
 
+    if args.vectors == "shards" and not (args.cluster or args.scheduler):
+        raise ValueError("--vectors shards needs --cluster or --scheduler: only Dask workers write shards")
     catalog = load_catalog(args.catalog).usable()
     if len(catalog) == 0:  # refused before a store or a run is made
         raise ValueError(f"{args.catalog}: no usable image to extract (see `cbir catalog check {args.catalog}`)")
@@ -48,8 +50,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     settings = dict(model=args.model, layer=args.layer, pooling=args.pooling, weights=args.weights, store=store,
                     batch_size=args.batch_size, workers=args.workers, l2_normalize=args.l2, name=args.name)
     cluster = args.cluster or args.scheduler
-    if args.vectors == "shards" and not cluster:
-        raise ValueError("--vectors shards needs --cluster or --scheduler: only Dask workers write shards")
     if cluster:  # on Dask: the same run, its shards beside the store
         from cbir.distributed import extract_distributed
 

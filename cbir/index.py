@@ -14,10 +14,10 @@ the index (or exactly, where no index or measure applies) in one call.
 Kinds (``kind="auto"`` chooses as autofaiss does, from the size and a memory budget):
 
 * ``flat``: exact faiss ``IndexFlat`` (chosen below :data:`FLAT_MAX` vectors);
-* ``hnsw``: ``IndexHNSWFlat`` (M = 32, efConstruction 80): fast queries, but a costly build (measured
-  7.4e-7 s per vector x dimension at 50k on 2 cores, growing with N: minutes at 1M x 256, where IVF builds
-  in 24 s and already answers 20x faster than exact search) and ~(4 D + 260) bytes per vector; chosen while it
-  fits the budget and its estimated build time is at most ``max_build_s`` (120 s);
+* ``hnsw``: ``IndexHNSWFlat`` (M = 32, efConstruction 80): a costly build (measured on 2 cores: 7.4e-7 s per
+  vector x dimension at 50k, 6.5e-7 at 1M x 256: 167 s and +1.25 GiB, where IVF builds in 24 s and then
+  answers faster, 7,741 against 3,979 queries/s at recall@5 0.97) and ~(4 D + 260) bytes per vector; chosen
+  while it fits the budget and its estimated build time is at most ``max_build_s`` (120 s);
 * ``ivf``: ``IndexIVFFlat`` (about 2 sqrt(N) k-means cells trained on a sample; 4 D bytes per vector);
 * ``ivfpq``: ``IndexIVFPQ`` (codes of ``m`` bytes per vector) when the flat vectors do not fit the budget.
   Ranked by its codes alone its recall is capped by the compression (0.84 at 1M x 256 with 128-byte codes),
@@ -61,10 +61,10 @@ FLAT_MAX = 10_000
 """Below this many vectors ``auto`` keeps exact faiss Flat (a query costs well under a millisecond)."""
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
-HNSW_BUILD_S_PER_VALUE = 1.0e-6
-"""Estimated HNSW build seconds per vector and dimension on 2 cores (7.4e-7 measured at 50k x 256 with
-efConstruction 80, ``benchmarks/scale.py --parts hnsw``; more per vector as the graph grows); ``auto`` compares
-N x D x this with ``max_build_s``."""
+HNSW_BUILD_S_PER_VALUE = 7.5e-7
+"""Estimated HNSW build seconds per vector and dimension on 2 cores (measured with efConstruction 80 by
+``benchmarks/scale.py --parts hnsw``: 7.4e-7 at 50k x 256, 6.8e-7 and 6.5e-7 at 1M x 256 in two runs); ``auto``
+compares N x D x this with ``max_build_s``."""
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512)
 RERANKS = (1, 2, 4, 8, 16, 32, 64)

@@ -33,8 +33,14 @@ __all__ = ["SHARD_FORMAT", "SHARD_COLUMNS", "MANIFEST", "ShardError", "ShardSet"
 SHARD_FORMAT = "1"
 """Version of the shard layout (columns and metadata keys)."""
 SHARD_COLUMNS = ("image_id", "vector", "sha1", "reason", "detail")
-ROW_GROUP = 512
-"""Rows per Parquet row group: a reader that needs a few rows of a shard reads only their row groups."""
+ROW_GROUP_BYTES = 256 * 1024
+"""Vector bytes per Parquet row group (51 rows of 1,280-d float32, 256 of 256-d; 16 to 4,096 rows): a reader
+that needs a few rows of a shard reads only their row groups."""
+
+
+def row_group_rows(dim: int) -> int:
+    """Rows per row group of a shard of ``dim``-d vectors (:data:`ROW_GROUP_BYTES` of vectors, 16 to 4,096)."""
+    return int(np.clip(ROW_GROUP_BYTES // max(1, 4 * int(dim)), 16, 4096))
 MANIFEST = "_manifest.json"
 META_PREFIX = "cbir."
 _OUTCOME_COLUMNS = ["image_id", "sha1", "reason", "detail"]
@@ -71,7 +77,10 @@ def write_shard(path: Path, ids: list[str], X: np.ndarray, ok: list[int], sha1: 
     table = table.replace_schema_metadata({f"{META_PREFIX}{k}": str(v) for k, v in meta.items()})
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP)
+        # float32 embeddings do not compress: the vectors are stored plain, the text columns with snappy
+        pq.write_table(table, tmp, row_group_size=row_group_rows(dim), use_dictionary=False,
+                       compression={"image_id": "snappy", "vector": "none", "sha1": "snappy", "reason": "snappy",
+                                    "detail": "snappy"})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when writing failed

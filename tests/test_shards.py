@@ -66,9 +66,9 @@ def test_a_few_rows_are_read_from_their_row_groups_only(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(3)
     ids = [f"i{k:04d}" for k in range(2000)]
-    X = rng.standard_normal((2000, 8)).astype(np.float32)
+    X = rng.standard_normal((2000, 128)).astype(np.float32)  # 512 rows per row group
     ok = [k for k in range(2000) if k % 97 != 5]  # a few failures spread over the row groups
-    _write_run(tmp_path / "run", [(ids, X[ok], ok)], 8)
+    _write_run(tmp_path / "run", [(ids, X[ok], ok)], 128)
     assert pq.ParquetFile(tmp_path / "run" / "part-000000-000000000000.parquet").metadata.num_row_groups == 4
     shard_set = ShardSet(tmp_path / "run")
     read_groups = []
@@ -83,7 +83,7 @@ def test_a_few_rows_are_read_from_their_row_groups_only(tmp_path, monkeypatch):
     np.testing.assert_array_equal(shard_set.take(shard_set.positions(many)),
                                   X[[k for k in ok][::3]])
     assert read_groups == [[0, 2, 3]] and shard_set._cache is not None
-    assert shards_module.ROW_GROUP == 512
+    assert shards_module.row_group_rows(128) == 512 and shards_module.row_group_rows(1280) == 51
 
 
 def test_shard_set_names_the_bad_file(tmp_path):
@@ -158,6 +158,32 @@ def test_store_serves_a_run_kept_in_shards_and_writes_nothing_of_it(tmp_path):
     (shard_dir / name).write_bytes(data)
     after = store.vector_crc32(run_id)
     assert {i for i in before if before[i] != after[i]} == {"b0", "b1", "b2"}
+
+
+def test_vectors_shards_needs_a_cluster_wherever_it_is_asked_for(tmp_path, capsys):
+    from cbir.cli import main
+    from cbir.datasets import make_demo_catalog
+    from cbir.distributed import ensure_features_cluster
+    from cbir.params import ParamsError, load_params
+    from cbir.session import open_session
+
+    manifest = make_demo_catalog(tmp_path / "demo", n=12, seed=1)
+    assert main(["extract", "--catalog", str(manifest), "--model", "color_hist", "--store",
+                 str(tmp_path / "s.sqlite"), "--vectors", "shards"]) == 1
+    assert "--vectors shards needs --cluster or --scheduler" in capsys.readouterr().err
+    assert not (tmp_path / "s.sqlite").exists()  # refused before a store is made
+    params = tmp_path / "p.yaml"
+    params.write_text("vectors: shards\n")
+    with pytest.raises(ParamsError, match="vectors: shards needs a cluster"):
+        load_params(params)
+    assert load_params(params, {"cluster": "local:2"})["vectors"] == "shards"
+    with pytest.raises(ParamsError, match="vectors must be 'store' or 'shards', got 'sqlite'"):
+        load_params(params, {"vectors": "sqlite"})
+    with pytest.raises(ValueError, match="needs a cluster"):
+        ensure_features_cluster(str(manifest), store=tmp_path / "e.sqlite", model="color_hist", vectors="shards")
+    with pytest.raises(ValueError, match="needs a cluster"):
+        open_session(catalog=str(make_demo_catalog(tmp_path / "demo48", n=48, seed=1)), out_dir=tmp_path / "out",
+                     model="color_hist", pooling=None, n_queries=4, vectors="shards")
 
 
 # -- on a cluster --------------------------------------------------------------------------------------
