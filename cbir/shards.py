@@ -21,7 +21,7 @@ import json
 import os
 import uuid
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -264,21 +264,9 @@ class ShardSet:
 
         if self._cache is not None and self._cache[0] == s:
             return self._cache[1] if rows is None else self._cache[1][rows]
-        path = self.files[s]
         if rows is not None and 4 * len(rows) < self._n_rows[s]:
             return self._some_rows(s, np.asarray(rows, dtype=np.int64))
-        try:
-            table = pq.read_table(path, columns=["vector", "reason"])
-            has, values = _vector_matrix(table, self.dim)
-        except FileNotFoundError:
-            raise ShardError(f"{path}: a shard the manifest lists is missing; rerun the extraction") from None
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-            raise ShardError(f"{path}: unreadable vectors ({type(exc).__name__}: {exc}); delete the shard and "
-                             "rerun the extraction to recompute it") from None
-        no_reason = np.asarray(table.column("reason").is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        if not np.array_equal(has, no_reason):
-            raise ShardError(f"{path}: rows with a vector and rows with a failure reason disagree: the shard is "
-                             "damaged; delete it and rerun the extraction")
+        values = self._checked(s, lambda path: pq.read_table(path, columns=["vector", "reason"]))
         self._cache = (s, values)
         return values if rows is None else values[rows]
 
@@ -286,13 +274,30 @@ class ShardSet:
         """Rows ``rows`` of shard ``s``, reading only the row groups that hold them."""
         import pyarrow.parquet as pq
 
-        path = self.files[s]
-        try:
+        layout = {}
+
+        def read(path: Path) -> object:
             pf = pq.ParquetFile(path)
             sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
             starts = np.concatenate([[0], np.cumsum(sizes)])
             groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-            table = pf.read_row_groups(groups.tolist(), columns=["vector", "reason"])
+            layout.update(sizes=sizes, starts=starts, groups=groups)
+            return pf.read_row_groups(groups.tolist(), columns=["vector", "reason"])
+
+        values = self._checked(s, read)
+        sizes, starts, groups = layout["sizes"], layout["starts"], layout["groups"]
+        offset = np.zeros(len(starts), dtype=np.int64)  # where each read group starts in ``values``
+        offset[groups] = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])[:-1]])
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        return values[offset[group_of] + rows - starts[group_of]]
+
+    def _checked(self, s: int, read: Callable[[Path], object]) -> np.ndarray:
+        """The vectors (float32[n, dim], failures as zeros) of the ``vector`` / ``reason`` table ``read(path)``
+        gives for shard ``s``; a missing or unreadable shard, or one whose vector rows are not exactly its rows
+        without a failure reason, is a :class:`ShardError` naming the file."""
+        path = self.files[s]
+        try:
+            table = read(path)
             has, values = _vector_matrix(table, self.dim)
         except FileNotFoundError:
             raise ShardError(f"{path}: a shard the manifest lists is missing; rerun the extraction") from None
@@ -303,10 +308,7 @@ class ShardSet:
         if not np.array_equal(has, no_reason):
             raise ShardError(f"{path}: rows with a vector and rows with a failure reason disagree: the shard is "
                              "damaged; delete it and rerun the extraction")
-        offset = np.zeros(len(starts), dtype=np.int64)  # where each read group starts in ``values``
-        offset[groups] = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])[:-1]])
-        group_of = np.searchsorted(starts, rows, side="right") - 1
-        return values[offset[group_of] + rows - starts[group_of]]
+        return values
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         """float32[len(positions), dim]: the vectors at ``positions`` (into :attr:`ids`), each shard read once

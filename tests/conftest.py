@@ -161,3 +161,13 @@ def labels():
         "category": ["A", "B", "A", "A", "B", "B", "A"],
         "subcategory": ["a1", "b1", "a1", "a2", "b1", "b2", "a1"],
     })
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A Dask LocalCluster of two worker PROCESSES, one thread each (what `--cluster local:2` starts), shared by
+    the tests of one module (a module may kill a worker)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as c:
+        yield c

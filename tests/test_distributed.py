@@ -22,14 +22,6 @@ distributed = pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
-def client():
-    """Two worker processes, one thread each (what `--cluster local:2` starts), shared by this module."""
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=40) as cluster, distributed.Client(cluster) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def catalog_df(tmp_path_factory) -> pd.DataFrame:
     """48 demo images plus 4 bad files placed inside the partitions (empty, text, truncated JPEG, missing)."""
     root = tmp_path_factory.mktemp("dist-catalog")

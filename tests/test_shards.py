@@ -187,16 +187,6 @@ def test_vectors_shards_needs_a_cluster_wherever_it_is_asked_for(tmp_path, capsy
 
 
 # -- on a cluster --------------------------------------------------------------------------------------
-distributed = pytest.importorskip("distributed")
-
-
-@pytest.fixture(scope="module")
-def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  silence_logs=40) as cluster, distributed.Client(cluster) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def catalog_df(tmp_path_factory) -> pd.DataFrame:
     """30 demo images copied (so that they can be edited) without catalogue hashes, plus an empty file."""
