@@ -460,9 +460,9 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
     bar = tqdm(total=len(live), disable=not progress, unit="shard", dynamic_ncols=True,
                desc=f"{spec['model']} run {run_id} (dask)")
 
-    def ingest(path: Path, todo_ids: set[str]) -> None:
+    def ingest(index: int, path: Path, todo_ids: set[str]) -> None:
         if in_shards:  # the shard is the store of record
-            final[int(path.name.split("-")[1])] = path.name
+            final[index] = path.name
             bar.update(1)
             return
         t0 = time.perf_counter()
@@ -490,14 +490,13 @@ def _extract_with_client(client: Any, df: pd.DataFrame, spec: dict[str, Any], *,
                 decode_threads=workers, loader=loader, pad_batches=pad_batches, retries=retries, pure=False,
                 model_rows=min(batch_size, int(todo.sum())),
                 key=f"cbir-shard-{identity_sha1[:10]}-{index:06d}-{uuid.uuid4().hex[:6]}")
-            futures[future] = (path, todo_ids)
+            futures[future] = (index, path, todo_ids)
         for index, path, _, todo_ids, _ in existing:  # ingested while the workers compute the rest
-            ingest(path, todo_ids)
+            ingest(index, path, todo_ids)
         for future in as_completed(list(futures)):
             result = future.result()
-            path, todo_ids = futures[future]
             computed.append(result)
-            ingest(path, todo_ids)
+            ingest(*futures[future])
     except BaseException:
         for future in futures:
             future.cancel()

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cbir.shards import ShardError, ShardSet
+from cbir.shards import MANIFEST, ShardError, ShardSet
 
 __all__ = ["FeatureStore", "StoreError", "RunNotFoundError", "SCHEMA_VERSION", "migrate", "canonical_json"]
 
@@ -781,14 +781,21 @@ class FeatureStore:
         return None
 
     # -- runs whose vectors stay in their shards ----------------------------------------------
+    @staticmethod
+    def _shard_location(con: sqlite3.Connection, run_id: int) -> tuple[str | None, str] | None:
+        """``(shard directory or None for a run stored here, status)`` of run ``run_id``; None if no such run."""
+        row = con.execute("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir'), status"
+                          " FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
+        return None if row is None else (row[1] if row[0] == "shards" else None, row[2])
+
     def shard_dir(self, run_id: int) -> str | None:
         """The shard directory that holds run ``run_id``'s vectors and failures, None for a run stored here."""
-        rows = self._read("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir')"
-                          " FROM runs WHERE run_id = ?", (int(run_id),))
-        if not rows:
-            with self._lock, self._sqlite_errors():
-                raise self._run_not_found(self._connect(), run_id)
-        return rows[0][1] if rows[0][0] == "shards" else None
+        with self._lock, self._sqlite_errors():
+            con = self._connect()
+            found = self._shard_location(con, run_id)
+            if found is None:
+                raise self._run_not_found(con, run_id)
+        return found[0]
 
     def keep_vectors_in_shards(self, run_id: int, shard_dir: str | os.PathLike[str]) -> None:
         """Record that run ``run_id`` keeps its vectors and failures in the Parquet shards of ``shard_dir`` (its
@@ -803,9 +810,8 @@ class FeatureStore:
                 raise StoreError(f"{self.path}: run {run_id} already holds {held} vector(s) or failure(s) in the store;"
                                  " its vectors cannot move to shards (extract into a new store, or without "
                                  "vectors='shards')")
-            vectors, now = con.execute("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir')"
-                                       " FROM runs WHERE run_id = ?", (int(run_id),)).fetchone()
-            if vectors == "shards" and now != where:
+            now, _ = self._shard_location(con, run_id)
+            if now is not None and now != where:
                 raise StoreError(f"{self.path}: run {run_id} keeps its vectors in {now}, not {where}")
             con.execute("UPDATE runs SET stats = json_patch(stats, ?) WHERE run_id = ?",
                         (_dumps({"vectors": "shards", "shard_dir": where}), int(run_id)))
@@ -814,12 +820,12 @@ class FeatureStore:
         """The :class:`ShardSet` of a run whose vectors stay in shards (None for a run stored here), cached
         until its manifest changes. A complete run must have its manifest; a run still being extracted without
         one has no visible outcome yet."""
-        rows = self._read("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir'), status"
-                          " FROM runs WHERE run_id = ?", (int(run_id),))
-        if not rows or rows[0][0] != "shards":
+        with self._lock, self._sqlite_errors():
+            found = self._shard_location(self._connect(), run_id)
+        if found is None or found[0] is None:
             return None
-        _, where, status = rows[0]
-        manifest = Path(where) / "_manifest.json"
+        where, status = found
+        manifest = Path(where) / MANIFEST
         try:
             st = manifest.stat()
             key: tuple = (where, st.st_mtime_ns, st.st_size, st.st_ino)
@@ -836,10 +842,9 @@ class FeatureStore:
         return shard_set
 
     def _refuse_shard_run(self, con: sqlite3.Connection, run_id: int) -> None:
-        row = con.execute("SELECT json_extract(stats, '$.vectors'), json_extract(stats, '$.shard_dir') FROM runs"
-                          " WHERE run_id = ?", (int(run_id),)).fetchone()
-        if row is not None and row[0] == "shards":
-            raise StoreError(f"{self.path}: run {run_id} keeps its vectors in its shards ({row[1]}); nothing of it "
+        found = self._shard_location(con, run_id)
+        if found is not None and found[0] is not None:
+            raise StoreError(f"{self.path}: run {run_id} keeps its vectors in its shards ({found[0]}); nothing of it "
                              "is written to the store (extract it on a cluster with vectors='shards')")
 
     # -- features ---------------------------------------------------------------------------
